@@ -1,0 +1,62 @@
+# MAPEX: `make demo` (set-up + the main job on real sample data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MAPEX := $(VENV)/bin/mapex
+STAMP := $(VENV)/.mapex-installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+# Telemetry off and tool state kept inside the project, for everything make runs.
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export PREFECT_LOGGING_LEVEL := WARNING
+export PREFECT_HOME := $(CURDIR)/.prefect
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc_site_cache
+export GX_ANALYTICS_ENABLED := false
+
+CHIPS := data/chips/bigearthnet.zarr
+PRETRAIN_OUT := outputs/pretrain
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+# torch first (the CPU wheel on disk), then the locked set constrained to that torch.
+$(STAMP): requirements.lock constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -c constraints.txt -r requirements.lock
+	$(PIP) --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: setup
+	$(MAPEX) samples --dest data/raw
+	$(MAPEX) ingest --source data/raw/bigearthnet --out $(CHIPS) --params params.yaml
+	$(MAPEX) pretrain --chips $(CHIPS) --out $(PRETRAIN_OUT) --params params.yaml
+	@echo
+	@echo "Demo outputs:"
+	@echo "  sample imagery     data/raw/bigearthnet/"
+	@echo "  chip store         $(CHIPS)        (mapex info $(CHIPS))"
+	@echo "  pre-trained model  $(PRETRAIN_OUT)/config.json, model.safetensors"
+	@echo "  metrics            $(PRETRAIN_OUT)/metrics.json, routing_stats.json"
+	@echo "  checkpoints        $(PRETRAIN_OUT)/checkpoints/ (resume with --resume)"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) bench/moe.py
+	$(PY) bench/train_step.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf data/raw data/chips outputs .prefect .dvc_site_cache .pytest_cache

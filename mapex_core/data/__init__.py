@@ -1,0 +1,1 @@
+"""Data: sensor readers, co-registration, the chip store and its datasets."""

@@ -1,0 +1,454 @@
+"""The chip store: the on-disk format every stage of the platform reads.
+
+One Zarr store (format 2, consolidated metadata) written through xarray:
+
+=====================  ==============================  ======================================
+variable               dims                            meaning
+=====================  ==============================  ======================================
+``<m>``                (chip, band_<m>, y, x) float32  physical values (S2 reflectance x 1e4,
+                                                       S1 dB); NaN = nodata or absent
+``present``            (chip, modality) bool           modality present in the chip
+``labels``             (chip, class) uint8             multi-hot labels (when labelled)
+``chip_id`` ...        (chip,)                         metadata table (see ``META_COLUMNS``)
+``transform``          (chip, affine) float64          GDAL-order affine of the chip
+``nodata_frac``        (chip, modality) float32        share of NaN pixels per modality
+``<m>_mean`` ...       (band_<m>,) float64             normalisation statistics over the store
+=====================  ==============================  ======================================
+
+Write with :class:`ChipWriter` (streams chips to a temporary store, renames it into place when
+complete, so a crash never leaves a partial store). Read with :meth:`ChipStore.open`, a torch
+``Dataset`` of dict samples normalised with the stored statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch.utils.data import Dataset, Sampler
+
+from mapex_core.data.raster import Grid
+from mapex_core.data.sample import Sample
+from mapex_core.modalities import get_modality
+
+FORMAT = "mapex-chips"
+FORMAT_VERSION = 1
+META_COLUMNS = ("chip_id", "sample", "split", "crs", "time", "row", "col")
+CHUNK_CHIPS = 8
+HIST_BINS = 4096
+SPLITS = ("train", "val", "test")
+
+
+def assign_split(group: str, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
+    """Seeded, order-independent split of a spatial group (sample, scene or tile) by hash."""
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < fractions[0]:
+        return "train"
+    return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def chip_offsets(size: int, chip: int, stride: int) -> list[int]:
+    """Start offsets along one axis; the last chip is aligned to the edge so all pixels are used."""
+    if chip > size:
+        raise ValueError(f"chip size {chip} is larger than the image ({size} px)")
+    offs = list(range(0, size - chip + 1, stride))
+    if offs[-1] + chip < size:
+        offs.append(size - chip)
+    return offs
+
+
+class _BandStats:
+    """Streaming per-band count, mean, std and histogram-based 1st/99th percentiles."""
+
+    def __init__(self, n_bands: int, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.count = np.zeros(n_bands, np.float64)
+        self.total = np.zeros(n_bands, np.float64)
+        self.total_sq = np.zeros(n_bands, np.float64)
+        self.hist = np.zeros((n_bands, HIST_BINS), np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one chip ``(C, H, W)``; NaN pixels are skipped."""
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)  # (C, H*W)
+        valid = ~np.isnan(flat)
+        v = np.where(valid, flat, 0.0)
+        self.count += valid.sum(1)
+        self.total += v.sum(1)
+        self.total_sq += (v * v).sum(1)
+        scaled = (np.clip(flat, self.lo, self.hi) - self.lo) / (self.hi - self.lo) * HIST_BINS
+        idx = np.clip(np.nan_to_num(scaled, nan=0).astype(np.int64), 0, HIST_BINS - 1)
+        for c in range(flat.shape[0]):
+            self.hist[c] += np.bincount(idx[c][valid[c]], minlength=HIST_BINS)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        n = np.maximum(self.count, 1)
+        mean = self.total / n
+        std = np.sqrt(np.maximum(self.total_sq / n - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)
+        cdf = np.cumsum(self.hist, 1) / np.maximum(self.hist.sum(1, keepdims=True), 1)
+        width = (self.hi - self.lo) / HIST_BINS
+
+        def pct(q: float) -> np.ndarray:
+            return self.lo + (np.argmax(cdf >= q, axis=1) + 0.5) * width
+
+        return {"mean": mean, "std": std, "p01": pct(0.01), "p99": pct(0.99), "count": self.count}
+
+
+class ChipWriter:
+    """Stream chips into a new chip store; the store appears at ``path`` only when complete.
+
+    Args:
+        path: destination (a directory, conventionally ``*.zarr``); replaced if it exists.
+        modalities: modality keys stored, in order.
+        chip_size: chip height and width in pixels.
+        class_names: label classes (multi-label), or ``None`` for an unlabelled store.
+        seed: seed of the spatially blocked train/val/test split.
+        flush_every: chips buffered in memory before they are appended to disk.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        modalities: list[str],
+        chip_size: int,
+        class_names: list[str] | None = None,
+        seed: int = 0,
+        flush_every: int = 64,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.modalities = list(modalities)
+        self.specs = {m: get_modality(m) for m in self.modalities}
+        self.chip_size = chip_size
+        self.class_names = list(class_names) if class_names is not None else None
+        self.seed = seed
+        self.flush_every = max(CHUNK_CHIPS, flush_every - flush_every % CHUNK_CHIPS)
+        self.attrs = dict(attrs or {})
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.stats = {
+            m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()
+        }
+        self._buffer: list[dict[str, Any]] = []
+        self.n_chips = 0
+        self._ids: set[str] = set()
+
+    def __enter__(self) -> ChipWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_sample(self, sample: Sample, stride: int | None = None) -> int:
+        """Cut a sample into chips (``stride`` defaults to the chip size) and add them."""
+        h, w = sample.grid.shape
+        cs, st = self.chip_size, stride or self.chip_size
+        n = 0
+        for r in chip_offsets(h, cs, st):
+            for c in chip_offsets(w, cs, st):
+                arrays = {m: a[:, r : r + cs, c : c + cs] for m, a in sample.arrays.items()}
+                self.add(
+                    chip_id=f"{sample.name}_r{r}_c{c}",
+                    sample=sample.name,
+                    arrays=arrays,
+                    grid=sample.grid.window(r, c, cs, cs),
+                    labels=sample.labels,
+                    time=sample.time,
+                    row=r,
+                    col=c,
+                )
+                n += 1
+        return n
+
+    def add(
+        self,
+        chip_id: str,
+        sample: str,
+        arrays: dict[str, np.ndarray],
+        grid: Grid,
+        labels: np.ndarray | None = None,
+        time: str = "",
+        row: int = 0,
+        col: int = 0,
+    ) -> None:
+        """Add one chip. ``arrays`` maps present modalities to ``(C, chip, chip)`` arrays."""
+        if chip_id in self._ids:
+            raise ValueError(f"duplicate chip id {chip_id!r}")
+        for m, a in arrays.items():
+            if m not in self.specs:
+                raise ValueError(f"chip {chip_id}: modality {m!r} is not in this store ({self.modalities})")
+            want = (self.specs[m].num_bands, self.chip_size, self.chip_size)
+            if a.shape != want:
+                raise ValueError(f"chip {chip_id}: modality {m!r} expected shape {want}, got {a.shape}")
+        if self.class_names is not None and (labels is None or len(labels) != len(self.class_names)):
+            raise ValueError(f"chip {chip_id}: expected {len(self.class_names)} labels, got {labels}")
+        self._ids.add(chip_id)
+        for m, a in arrays.items():
+            self.stats[m].update(a)
+        self._buffer.append(dict(chip_id=chip_id, sample=sample, arrays=arrays, grid=grid,
+                                 labels=labels, time=time, row=row, col=col))
+        self.n_chips += 1
+        if len(self._buffer) >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        b, cs = self._buffer, self.chip_size
+        data: dict[str, Any] = {}
+        for m, spec in self.specs.items():
+            arr = np.full((len(b), spec.num_bands, cs, cs), np.nan, np.float32)
+            for i, chip in enumerate(b):
+                if m in chip["arrays"]:
+                    arr[i] = chip["arrays"][m]
+            data[m] = (("chip", f"band_{m}", "y", "x"), arr)
+        present = np.array([[m in c["arrays"] for m in self.modalities] for c in b])
+        nodata = np.array(
+            [[float(np.isnan(c["arrays"][m]).mean()) if m in c["arrays"] else 1.0
+              for m in self.modalities] for c in b], np.float32)
+        data["present"] = (("chip", "modality"), present)
+        data["nodata_frac"] = (("chip", "modality"), nodata)
+        if self.class_names is not None:
+            data["labels"] = (("chip", "class"), np.stack([c["labels"] for c in b]).astype(np.uint8))
+        data["transform"] = (("chip", "affine"), np.array([c["grid"].transform for c in b], np.float64))
+        data["chip_id"] = (("chip",), np.array([c["chip_id"] for c in b], dtype=str))
+        data["sample"] = (("chip",), np.array([c["sample"] for c in b], dtype=str))
+        data["split"] = (("chip",), np.array([assign_split(c["sample"], self.seed) for c in b], dtype=str))
+        data["crs"] = (("chip",), np.array([c["grid"].crs for c in b], dtype=str))
+        data["time"] = (("chip",), np.array([c["time"] for c in b], dtype=str))
+        data["row"] = (("chip",), np.array([c["row"] for c in b], np.int32))
+        data["col"] = (("chip",), np.array([c["col"] for c in b], np.int32))
+        ds = xr.Dataset(data)
+        if self.tmp.exists():
+            ds.to_zarr(self.tmp, mode="a", append_dim="chip", zarr_format=2, consolidated=False)
+        else:
+            coords = {f"band_{m}": s.band_names for m, s in self.specs.items()}
+            coords["modality"] = self.modalities
+            if self.class_names is not None:
+                coords["class"] = self.class_names
+            ds = ds.assign_coords(coords)
+            enc = {m: {"chunks": (CHUNK_CHIPS, s.num_bands, cs, cs)} for m, s in self.specs.items()}
+            ds.to_zarr(self.tmp, mode="w", zarr_format=2, consolidated=False, encoding=enc)
+        self._buffer = []
+
+    def close(self) -> Path:
+        """Write statistics and attributes, then move the store into place."""
+        if self.n_chips == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ValueError(f"{self.path}: no chips were written (empty input)")
+        self._flush()
+        stats: dict[str, Any] = {}
+        for m in self.modalities:
+            for key, val in self.stats[m].finish().items():
+                stats[f"{m}_{key}"] = ((f"band_{m}",), val)
+        ds = xr.Dataset(stats)
+        ds.attrs.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            modalities=self.modalities,
+            chip_size=self.chip_size,
+            label_type="multilabel" if self.class_names is not None else "none",
+            split_seed=self.seed,
+            **self.attrs,
+        )
+        ds.to_zarr(self.tmp, mode="a", zarr_format=2, consolidated=False)
+        import zarr
+
+        zarr.consolidate_metadata(str(self.tmp), zarr_format=2)
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+
+class ChipStore(Dataset):
+    """A chip store opened for reading: a torch ``Dataset`` of dict samples.
+
+    Each item is ``{modality: (C, H, W) float32 normalised, ..., "labels": (K,), "index": i}``
+    with only the modalities present in that chip. Normalisation is ``(x - mean) / std`` with
+    the store's statistics; NaN (nodata) becomes 0 after normalisation (the band mean).
+
+    Use :meth:`open`; ``indices`` restricts the view (e.g. a split).
+    """
+
+    def __init__(self, path: Path, ds: xr.Dataset, modalities: list[str], indices: np.ndarray,
+                 normalize: bool, arrays: dict[str, Any]) -> None:
+        self.path = path
+        self.ds = ds
+        self.modalities = modalities
+        self.indices = indices
+        self.normalize = normalize
+        self._arrays = arrays
+        self.stored_modalities = list(ds.attrs["modalities"])
+        self.mean = {m: ds[f"{m}_mean"].values.astype(np.float32)[:, None, None] for m in modalities}
+        self.std = {m: ds[f"{m}_std"].values.astype(np.float32)[:, None, None] for m in modalities}
+        cols = [self.stored_modalities.index(m) for m in modalities]
+        self.present = np.asarray(ds["present"].values)[indices][:, cols]  # (N, M)
+        self.labels = np.asarray(ds["labels"].values)[indices] if "labels" in ds else None
+        self.class_names = [str(c) for c in ds["class"].values] if "class" in ds.coords else None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        modalities: list[str] | None = None,
+        split: str | list[str] | None = None,
+        normalize: bool = True,
+        in_memory: bool | None = None,
+        max_memory_bytes: int = 2 << 30,
+    ) -> ChipStore:
+        """Open a chip store.
+
+        Args:
+            path: the store written by :class:`ChipWriter`.
+            modalities: keep only these modalities (chips with none of them are dropped).
+            split: ``train``, ``val``, ``test`` or a list of them; ``None`` = all chips.
+            normalize: apply the stored per-band normalisation.
+            in_memory: load the arrays into RAM; default when they fit ``max_memory_bytes``.
+
+        Raises:
+            FileNotFoundError: no store at ``path``.
+            ValueError: not a chip store, or an unknown modality / split.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: chip store not found")
+        try:
+            ds = xr.open_zarr(path, consolidated=True, chunks=None)
+        except Exception as exc:  # zarr raises several types for a non-store directory
+            raise ValueError(f"{path}: not a readable chip store: {exc}") from exc
+        if ds.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a MAPEX chip store (format={ds.attrs.get('format')!r})")
+        stored = list(ds.attrs["modalities"])
+        mods = list(modalities) if modalities is not None else stored
+        unknown = [m for m in mods if m not in stored]
+        if unknown:
+            raise ValueError(f"{path}: modalities {unknown} not in this store; it holds {stored}")
+        present = np.asarray(ds["present"].values)[:, [stored.index(m) for m in mods]]
+        keep = present.any(1)
+        if split is not None:
+            splits = [split] if isinstance(split, str) else list(split)
+            bad = [s for s in splits if s not in SPLITS]
+            if bad:
+                raise ValueError(f"unknown split(s) {bad}; known: {list(SPLITS)}")
+            keep &= np.isin(ds["split"].values.astype(str), splits)
+        indices = np.flatnonzero(keep)
+        nbytes = sum(ds[m].nbytes for m in mods)
+        load = in_memory if in_memory is not None else nbytes <= max_memory_bytes
+        arrays = {m: (ds[m].values if load else ds[m].variable) for m in mods}
+        return cls(path, ds, mods, indices, normalize, arrays)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _read(self, m: str, j: int) -> np.ndarray:
+        a = self._arrays[m]
+        return np.asarray(a[j] if isinstance(a, np.ndarray) else a[j].values, dtype=np.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.indices[i])
+        item: dict[str, Any] = {"index": i}
+        for k, m in enumerate(self.modalities):
+            if not self.present[i, k]:
+                continue
+            x = self._read(m, j)  # (C, H, W)
+            if self.normalize:
+                x = (x - self.mean[m]) / self.std[m]
+            item[m] = torch.from_numpy(np.nan_to_num(x, nan=0.0 if self.normalize else np.nan))
+        if self.labels is not None:
+            item["labels"] = torch.from_numpy(self.labels[i].astype(np.float32))
+        return item
+
+    def metadata(self) -> pd.DataFrame:
+        """The per-chip metadata table of this view (one row per chip)."""
+        df = pd.DataFrame({c: self.ds[c].values[self.indices] for c in META_COLUMNS})
+        for k, m in enumerate(self.stored_modalities):
+            df[f"present_{m}"] = self.ds["present"].values[self.indices, k]
+            df[f"nodata_frac_{m}"] = self.ds["nodata_frac"].values[self.indices, k]
+        return df
+
+    def band_stats(self, modality: str) -> pd.DataFrame:
+        """Per-band normalisation statistics of one modality."""
+        cols = {k: self.ds[f"{modality}_{k}"].values for k in ("mean", "std", "p01", "p99", "count")}
+        return pd.DataFrame(cols, index=[str(b) for b in self.ds[f"band_{modality}"].values])
+
+    def presence_patterns(self) -> dict[tuple[str, ...], list[int]]:
+        """Indices of this view grouped by the set of modalities present."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, row in enumerate(self.present):
+            key = tuple(m for m, p in zip(self.modalities, row, strict=True) if p)
+            groups.setdefault(key, []).append(i)
+        return groups
+
+
+def write_chip_store(
+    path: str | Path,
+    samples: Iterable[Sample],
+    modalities: list[str],
+    chip_size: int,
+    stride: int | None = None,
+    class_names: list[str] | None = None,
+    seed: int = 0,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Chip every sample and write one store (see :class:`ChipWriter`)."""
+    with ChipWriter(path, modalities, chip_size, class_names=class_names, seed=seed, attrs=attrs) as w:
+        for s in samples:
+            w.add_sample(s, stride=stride)
+    return Path(path)
+
+
+class PresenceBatchSampler(Sampler[list[int]]):
+    """Batches whose chips share one set of present modalities (so they stack), reshuffled per epoch.
+
+    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, store: ChipStore, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
+        self.groups = [g for g in store.presence_patterns().values()]
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        out: list[list[int]] = []
+        for idx in self.groups:
+            perm = torch.randperm(len(idx), generator=g).tolist()
+            for s in range(0, len(idx), self.batch_size):
+                chunk = [idx[p] for p in perm[s : s + self.batch_size]]
+                # a group smaller than one batch still yields its chips once
+                if len(chunk) == self.batch_size or not self.drop_last or s == 0:
+                    out.append(chunk)
+        order = torch.randperm(len(out), generator=g).tolist()
+        return [out[o] for o in order]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items that share the same present modalities."""
+    keys = [k for k in items[0] if k != "index"]
+    out: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in keys}
+    out["index"] = torch.tensor([it["index"] for it in items])
+    return out

