@@ -1,11 +1,14 @@
 # MAPEX: `make demo` (set-up + the main job on real sample data) and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MAPEX := $(VENV)/bin/mapex
 STAMP := $(VENV)/.mapex-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# this machine's pip config lists local indexes that emit one warning per package: hide those lines
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # Telemetry off and tool state kept inside the project, for everything make runs.
 export DO_NOT_TRACK := true
@@ -28,9 +31,9 @@ setup: $(STAMP)
 # torch first (the CPU wheel on disk), then the locked set constrained to that torch.
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -r requirements.lock
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) torch==2.13.0 $(QUIET_PIP)
+	$(PIP) -c constraints.txt -r requirements.lock $(QUIET_PIP)
+	$(PIP) --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
 demo: setup

@@ -8,7 +8,9 @@ variable               dims                            meaning
 ``<m>``                (chip, band_<m>, y, x) float32  physical values (S2 reflectance x 1e4,
                                                        S1 dB); NaN = nodata or absent
 ``present``            (chip, modality) bool           modality present in the chip
-``labels``             (chip, class) uint8             multi-hot labels (when labelled)
+``labels``             (chip, class) uint8             multi-hot labels (``multilabel``), or
+                       (chip,) int16                   a class id (``class``), or
+                       (chip, y, x) int16              a mask (``mask``; -1 = ignore)
 ``chip_id`` ...        (chip,)                         metadata table (see ``META_COLUMNS``)
 ``transform``          (chip, affine) float64          GDAL-order affine of the chip
 ``nodata_frac``        (chip, modality) float32        share of NaN pixels per modality
@@ -46,6 +48,8 @@ META_COLUMNS = ("chip_id", "sample", "split", "crs", "time", "row", "col")
 CHUNK_CHIPS = 8
 HIST_BINS = 4096
 SPLITS = ("train", "val", "test")
+LABEL_TYPES = ("multilabel", "class", "mask")
+IGNORE_INDEX = -1
 
 
 def assign_split(group: str, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
@@ -111,7 +115,9 @@ class ChipWriter:
         path: destination (a directory, conventionally ``*.zarr``); replaced if it exists.
         modalities: modality keys stored, in order.
         chip_size: chip height and width in pixels.
-        class_names: label classes (multi-label), or ``None`` for an unlabelled store.
+        class_names: label classes, or ``None`` for an unlabelled store.
+        label_type: ``multilabel`` (multi-hot per chip), ``class`` (one id per chip) or
+            ``mask`` (one id per pixel, ``IGNORE_INDEX`` = unlabelled pixel).
         seed: seed of the spatially blocked train/val/test split.
         flush_every: chips buffered in memory before they are appended to disk.
     """
@@ -122,6 +128,7 @@ class ChipWriter:
         modalities: list[str],
         chip_size: int,
         class_names: list[str] | None = None,
+        label_type: str = "multilabel",
         seed: int = 0,
         flush_every: int = 64,
         attrs: dict[str, Any] | None = None,
@@ -131,6 +138,9 @@ class ChipWriter:
         self.specs = {m: get_modality(m) for m in self.modalities}
         self.chip_size = chip_size
         self.class_names = list(class_names) if class_names is not None else None
+        if label_type not in LABEL_TYPES:
+            raise ValueError(f"unknown label_type {label_type!r}; known: {LABEL_TYPES}")
+        self.label_type = label_type if self.class_names is not None else "none"
         self.seed = seed
         self.flush_every = max(CHUNK_CHIPS, flush_every - flush_every % CHUNK_CHIPS)
         self.attrs = dict(attrs or {})
@@ -165,7 +175,8 @@ class ChipWriter:
                     sample=sample.name,
                     arrays=arrays,
                     grid=sample.grid.window(r, c, cs, cs),
-                    labels=sample.labels,
+                    labels=(sample.labels[r : r + cs, c : c + cs]
+                            if self.label_type == "mask" and sample.labels is not None else sample.labels),
                     time=sample.time,
                     row=r,
                     col=c,
@@ -193,8 +204,7 @@ class ChipWriter:
             want = (self.specs[m].num_bands, self.chip_size, self.chip_size)
             if a.shape != want:
                 raise ValueError(f"chip {chip_id}: modality {m!r} expected shape {want}, got {a.shape}")
-        if self.class_names is not None and (labels is None or len(labels) != len(self.class_names)):
-            raise ValueError(f"chip {chip_id}: expected {len(self.class_names)} labels, got {labels}")
+        self._check_labels(chip_id, labels)
         self._ids.add(chip_id)
         for m, a in arrays.items():
             self.stats[m].update(a)
@@ -203,6 +213,24 @@ class ChipWriter:
         self.n_chips += 1
         if len(self._buffer) >= self.flush_every:
             self._flush()
+
+    def _check_labels(self, chip_id: str, labels: np.ndarray | None) -> None:
+        if self.class_names is None:
+            return
+        k = len(self.class_names)
+        if labels is None:
+            raise ValueError(f"chip {chip_id}: this store is labelled ({self.label_type}) but the chip has no labels")
+        lab = np.asarray(labels)
+        if self.label_type == "multilabel" and lab.shape != (k,):
+            raise ValueError(f"chip {chip_id}: expected {k} multi-hot labels, got shape {lab.shape}")
+        if self.label_type == "class" and (lab.ndim != 0 or not 0 <= int(lab) < k):
+            raise ValueError(f"chip {chip_id}: expected one class id in [0, {k}), got {lab}")
+        if self.label_type == "mask":
+            if lab.shape != (self.chip_size, self.chip_size):
+                raise ValueError(f"chip {chip_id}: expected a {self.chip_size}x{self.chip_size} mask, got {lab.shape}")
+            bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= k))
+            if bad.any():
+                raise ValueError(f"chip {chip_id}: mask values must be in [0, {k}) or {IGNORE_INDEX}")
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -221,8 +249,12 @@ class ChipWriter:
               for m in self.modalities] for c in b], np.float32)
         data["present"] = (("chip", "modality"), present)
         data["nodata_frac"] = (("chip", "modality"), nodata)
-        if self.class_names is not None:
+        if self.label_type == "multilabel":
             data["labels"] = (("chip", "class"), np.stack([c["labels"] for c in b]).astype(np.uint8))
+        elif self.label_type == "class":
+            data["labels"] = (("chip",), np.array([int(c["labels"]) for c in b], np.int16))
+        elif self.label_type == "mask":
+            data["labels"] = (("chip", "y", "x"), np.stack([c["labels"] for c in b]).astype(np.int16))
         data["transform"] = (("chip", "affine"), np.array([c["grid"].transform for c in b], np.float64))
         data["chip_id"] = (("chip",), np.array([c["chip_id"] for c in b], dtype=str))
         data["sample"] = (("chip",), np.array([c["sample"] for c in b], dtype=str))
@@ -260,7 +292,7 @@ class ChipWriter:
             format_version=FORMAT_VERSION,
             modalities=self.modalities,
             chip_size=self.chip_size,
-            label_type="multilabel" if self.class_names is not None else "none",
+            label_type=self.label_type,
             split_seed=self.seed,
             **self.attrs,
         )
@@ -303,6 +335,7 @@ class ChipStore(Dataset):
         self.present = np.asarray(ds["present"].values)[indices][:, cols]  # (N, M)
         self.labels = np.asarray(ds["labels"].values)[indices] if "labels" in ds else None
         self.class_names = [str(c) for c in ds["class"].values] if "class" in ds.coords else None
+        self.label_type = str(ds.attrs.get("label_type", "none"))
 
     @classmethod
     def open(
@@ -373,7 +406,9 @@ class ChipStore(Dataset):
                 x = (x - self.mean[m]) / self.std[m]
             item[m] = torch.from_numpy(np.nan_to_num(x, nan=0.0 if self.normalize else np.nan))
         if self.labels is not None:
-            item["labels"] = torch.from_numpy(self.labels[i].astype(np.float32))
+            lab = self.labels[i]
+            item["labels"] = (torch.from_numpy(lab.astype(np.float32)) if self.label_type == "multilabel"
+                              else torch.as_tensor(lab.astype(np.int64)))
         return item
 
     def metadata(self) -> pd.DataFrame:
@@ -405,11 +440,13 @@ def write_chip_store(
     chip_size: int,
     stride: int | None = None,
     class_names: list[str] | None = None,
+    label_type: str = "multilabel",
     seed: int = 0,
     attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Chip every sample and write one store (see :class:`ChipWriter`)."""
-    with ChipWriter(path, modalities, chip_size, class_names=class_names, seed=seed, attrs=attrs) as w:
+    with ChipWriter(path, modalities, chip_size, class_names=class_names, label_type=label_type,
+                    seed=seed, attrs=attrs) as w:
         for s in samples:
             w.add_sample(s, stride=stride)
     return Path(path)

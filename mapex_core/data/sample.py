@@ -17,7 +17,7 @@ class Sample:
         name: sample identifier.
         arrays: modality -> ``(C, H, W) float32`` physical values; nodata as NaN.
         grid: the reference grid (CRS, transform, shape).
-        labels: multi-hot ``(K,) uint8`` or ``None``.
+        labels: multi-hot ``(K,) uint8``, a class id, a mask ``(H, W)`` on the grid, or ``None``.
         time: acquisition time (ISO 8601) of the reference modality.
         sources: modality -> source folder.
     """
