@@ -23,6 +23,9 @@ export GX_ANALYTICS_ENABLED := false
 
 CHIPS := data/chips/bigearthnet.zarr
 PRETRAIN_OUT := outputs/pretrain
+# --resume: a second `make demo` (or one after a crash) continues instead of starting over;
+# after changing the model in params.yaml run `make demo PRETRAIN_FLAGS=--overwrite`.
+PRETRAIN_FLAGS ?= --resume
 
 .PHONY: setup demo test test-all bench lint clean
 
@@ -39,7 +42,7 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 demo: setup
 	$(MAPEX) samples --dest data/raw
 	$(MAPEX) ingest --source data/raw/bigearthnet --out $(CHIPS) --params params.yaml
-	$(MAPEX) pretrain --chips $(CHIPS) --out $(PRETRAIN_OUT) --params params.yaml
+	$(MAPEX) pretrain --chips $(CHIPS) --out $(PRETRAIN_OUT) --params params.yaml $(PRETRAIN_FLAGS)
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample imagery     data/raw/bigearthnet/"

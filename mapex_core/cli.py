@@ -117,6 +117,7 @@ def pretrain(
     batch_size: int = typer.Option(None, help="Batch size (overrides params)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on CUDA)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in OUT/checkpoints."),
+    overwrite: bool = typer.Option(False, help="Start over, deleting an earlier run's checkpoints in OUT."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Pre-train a MAPEX model (multi-modal masked autoencoder) on a chip store.
@@ -143,7 +144,8 @@ def pretrain(
             prog.update(task, completed=step, info=f"loss {logs['loss']:.4f}  lr {logs['lr']:.2e}")
 
         try:
-            metrics = run_pretrain(chips, out, cfg, tp, device=device, resume=resume, on_step=cb)
+            metrics = run_pretrain(chips, out, cfg, tp, device=device, resume=resume, overwrite=overwrite,
+                                   on_step=cb)
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
     summary = {k: metrics[k] for k in ("final_loss", "tokens_per_s", "samples_per_s", "specialisation",

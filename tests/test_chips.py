@@ -91,6 +91,14 @@ def test_store_normalises_with_its_own_statistics(ben_store):
     assert (s1["mean"] < 0).all()  # S1 stays in dB
 
 
+def test_lazy_reading_equals_in_memory(ben_store):
+    lazy = ChipStore.open(ben_store, in_memory=False)
+    eager = ChipStore.open(ben_store, in_memory=True)
+    assert not isinstance(lazy._arrays["s2"], np.ndarray)
+    for i in (0, 7, 23):
+        assert all(torch.equal(lazy[i][k], eager[i][k]) for k in ("s1", "s2", "labels"))
+
+
 def test_splits_are_spatially_blocked(ben_store):
     meta = ChipStore.open(ben_store).metadata()
     assert meta.groupby("sample")["split"].nunique().max() == 1

@@ -59,6 +59,11 @@ def test_resume_reproduces_the_uninterrupted_run(ben_store, tmp_path):
 
 def test_resume_with_a_different_config_is_refused(ben_store, tmp_path):
     pretrain(ben_store, tmp_path / "r", MapexConfig(**SMALL), _params(steps=10), device="cpu")
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .*pass --resume"):
+        pretrain(ben_store, tmp_path / "r", MapexConfig(**SMALL), _params(steps=10), device="cpu")
+    again = pretrain(ben_store, tmp_path / "r", MapexConfig(**SMALL), _params(steps=10), device="cpu",
+                     resume=True)  # already complete: nothing to train, outputs rewritten
+    assert again["steps"] == list(range(1, 11))
     other = MapexConfig(**{**SMALL, "depth": 3})
     with pytest.raises(ValueError, match="checkpoint config differs"):
         pretrain(ben_store, tmp_path / "r", other, _params(steps=20), device="cpu", resume=True)

@@ -11,9 +11,9 @@ Read top to bottom:
    experts when routing is ``"standard"``), renormalised within that set so the loss balances
    load *inside* a group without pulling tokens out of their modality's group, then averaged
    over the modalities present. It is 1.0 when balanced.
-3. **Dispatch.** ``impl="sorted"`` (fast path): sort the ``N * k`` token-slots by expert, run
-   each expert once on its contiguous slice, scale by the gates and scatter-add back. The one
-   host sync is the list of slice lengths. ``impl="loop"`` is the readable reference: for each
+3. **Dispatch.** ``impl="sorted"`` (fast path): sort the ``N * k`` token-slots by expert, gather
+   the tokens once in that order, run each expert on its contiguous slice, scale by the gates
+   and scatter-add back into the token rows. The one host sync is the list of slice lengths. ``impl="loop"`` is the readable reference: for each
    expert, find its tokens and add its weighted output. Tests use the loop as the oracle.
 
 Expert weights are stacked: ``w1 (E, D, H)``, ``b1 (E, H)``, ``w2 (E, H, D)``, ``b2 (E, D)``.
@@ -179,18 +179,18 @@ class MoELayer(nn.Module):
         flat_expert = top_idx.reshape(-1)  # (N*k,) expert of each token-slot
         order = flat_expert.argsort(stable=True)  # (N*k,) slots grouped by expert
         token_of_slot = torch.div(order, k, rounding_mode="floor")  # (N*k,) source token
+        gate_sorted = gates.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # (N*k, 1)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
-        x_sorted = x.index_select(0, token_of_slot)  # (N*k, D)
-        outs = []
+        x_sorted = x.index_select(0, token_of_slot)  # (N*k, D), contiguous per expert
+        y = x.new_zeros(x.shape[0], self.dim)  # (N, D)
         start = 0
         for e, n in enumerate(counts.tolist()):  # the one host sync: slice lengths
             if n:
-                outs.append(self.expert(e, x_sorted[start : start + n]))  # (n, D)
+                sl = slice(start, start + n)
+                out = self.expert(e, x_sorted[sl]) * gate_sorted[sl]  # (n, D)
+                y.index_add_(0, token_of_slot[sl], out.to(y.dtype))  # scatter-add to tokens
                 start += n
-        y_sorted = torch.cat(outs)  # (N*k, D), slot order
-        y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        y = y_sorted.new_zeros(x.shape[0], self.dim)  # (N, D)
-        return y.index_add(0, token_of_slot, y_sorted)
+        return y
 
     def forward(self, x: Tensor, modality_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Route and run the experts.
@@ -209,6 +209,8 @@ class MoELayer(nn.Module):
                 f"modality_ids must have shape ({x.shape[0]},), got {tuple(modality_ids.shape)}"
             )
         modality_ids = modality_ids.long()
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape), x.new_zeros((), dtype=torch.float32)
         probs, top_idx, gates = self.route(x, modality_ids)
         aux = self.balance_loss(probs, top_idx, modality_ids)
         if self._stats is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -118,6 +119,7 @@ def pretrain(
     params: PretrainParams,
     device: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Pre-train a MAPEX model with the multi-modal MAE objective.
@@ -128,7 +130,11 @@ def pretrain(
         config: model architecture (its modalities must be in the store).
         params: training knobs.
         device: ``auto``, ``cpu`` or ``cuda``.
-        resume: continue from the newest checkpoint in ``out/checkpoints``.
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (starts fresh when
+            there is none).
+        overwrite: start over even if ``out/checkpoints`` holds an earlier run (deletes it).
+            Without ``resume`` or ``overwrite``, an earlier run's checkpoints are an error, so
+            a forgotten flag never throws away training.
         on_step: progress callback ``(step, total, logs)``.
 
     Returns:
@@ -149,7 +155,13 @@ def pretrain(
     history: dict[str, list[float]] = {"steps": [], "loss": [], "recon_loss": [], "aux_loss": [], "lr": []}
     step, epoch, pos, train_time, tokens_seen, samples_seen = 0, 0, 0, 0.0, 0, 0
 
-    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is not None and not resume:
+        if not overwrite:
+            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (newest: {ckpt.name}); "
+                             "pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(ckpt_root)
+        ckpt = None
     if ckpt is not None:
         model, state = load_checkpoint(ckpt, device=dev)
         if model.config.to_dict() != config.to_dict():
