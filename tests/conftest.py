@@ -29,6 +29,7 @@ def ben_store(ben_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Chip store of the real BigEarthNet sample: 64 px chips, stride 56 (4 chips per patch)."""
     from mapex_core.data.ingest import ingest
 
-    out = tmp_path_factory.mktemp("chips") / "ben.zarr"
-    ingest(ben_root, out, layout="bigearthnet", chip_size=64, stride=56, seed=0)
+    root = tmp_path_factory.mktemp("chips")
+    out = root / "ben.zarr"
+    ingest(ben_root, out, layout="bigearthnet", reports_dir=root / "reports", chip_size=64, stride=56, seed=0)
     return out

@@ -56,10 +56,10 @@ def test_chip_offsets_cover_the_image():
 
 def test_store_round_trip(ben_root, ben_store):
     store = ChipStore.open(ben_store, normalize=False)
-    assert len(store) == 24 and store.modalities == ["s1", "s2"]
+    assert len(store) == 24 and store.modalities == ["s2", "s1"]  # registry order
     assert store.present.all()
     meta = store.metadata()
-    assert list(meta.columns[:7]) == ["chip_id", "sample", "split", "crs", "time", "row", "col"]
+    assert list(meta.columns[:8]) == ["index", "chip_id", "sample", "split", "crs", "time", "row", "col"]
     assert meta["chip_id"].is_unique and set(meta["row"]) == {0, 56}
     # values equal the source rasters at the chip window
     i = int(np.flatnonzero((meta["sample"] == S2_NAME) & (meta["row"] == 56) & (meta["col"] == 0))[0])
@@ -111,7 +111,7 @@ def test_splits_are_spatially_blocked(ben_store):
 def test_modality_subset_and_errors(ben_store, tmp_path):
     s1_only = ChipStore.open(ben_store, modalities=["s1"])
     assert set(s1_only[0]) == {"s1", "labels", "index"}
-    with pytest.raises(ValueError, match=r"modalities \['dem'\] not in this store; it holds \['s1', 's2'\]"):
+    with pytest.raises(ValueError, match=r"modalities \['dem'\] not in this store; it holds \['s2', 's1'\]"):
         ChipStore.open(ben_store, modalities=["dem"])
     with pytest.raises(FileNotFoundError, match="chip store not found"):
         ChipStore.open(tmp_path / "missing.zarr")
@@ -142,7 +142,8 @@ def test_ingest_errors_name_the_file_and_leave_no_store(ben_root, tmp_path):
     victim.unlink()
     out = tmp_path / "chips.zarr"
     with pytest.raises(FileNotFoundError, match=r"band file \*_B11.tif not found"):
-        ingest(src, out, layout="bigearthnet")
+        ingest(src, out, layout="bigearthnet", reports_dir=tmp_path / "reports")
     assert not out.exists() and not list(tmp_path.glob(".chips.zarr.tmp*"))
-    with pytest.raises(ValueError, match="no known layout detected"):
-        ingest(tmp_path / "ben" / "BigEarthNet-S1-Example", out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: empty folder"):
+        ingest(tmp_path / "empty", out, reports_dir=tmp_path / "reports")

@@ -125,7 +125,7 @@ def test_cli_ingest_and_info(ben_root, tmp_path):
     res = _mapex("ingest", "--source", str(ben_root), "--out", "c.zarr", "--chip-size", "120", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["samples"] == 6 and summary["chips"] == 6
+    assert summary["scenes"] == 6 and summary["chips"] == 6 and summary["quarantined"] == 0
     assert summary["chips_per_modality"] == {"s1": 6, "s2": 6}
     res = _mapex("info", "c.zarr", cwd=tmp_path)
     info = json.loads(res.stdout)

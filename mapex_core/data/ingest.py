@@ -1,7 +1,14 @@
-"""Ingestion: turn a folder of imagery in a known layout into a chip store.
+"""Ingestion: imagery in a known layout -> validated chip store.
 
-This first version knows the BigEarthNet v1 layout; the ingestion issue adds more layouts,
-validation and quarantine on the same entry point.
+One scene is read, co-registered and chipped at a time (memory does not grow with the number
+of scenes); chips stream into a temporary store. The Great Expectations suite then runs over
+the per-chip metadata table: failing chips are quarantined (kept, flagged, skipped by readers),
+Data Docs and the report are written under ``reports/validation/<store>/``, and the store is
+moved into place only when the failed share is within bounds. Any error (a corrupt file, a
+missing band, ...) leaves no partial store behind.
+
+Re-ingesting the same raw data gives a byte-identical store: everything written is a function
+of the inputs and the parameters (no timestamps, sorted scene order).
 """
 
 from __future__ import annotations
@@ -12,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mapex_core.data import bigearthnet
-from mapex_core.data.chips import ChipWriter
-
-LAYOUTS = ("auto", "bigearthnet")
+from mapex_core.data.chips import ChipWriter, assign_splits
+from mapex_core.data.layouts import find_scenes
+from mapex_core.data.scenes import SceneSpec, load_scene
+from mapex_core.data.validation import (
+    ValidationFailed,
+    ValidationParams,
+    validate_table,
+    write_report,
+)
+from mapex_core.modalities import MODALITIES
 
 
 @dataclass
@@ -25,67 +38,125 @@ class DataParams:
     chip_size: int = 64
     stride: int | None = None
     seed: int = 0
+    crs: str | None = None
+    resolution: float | None = None
+    split_block: int | None = None
 
 
-def detect_layout(source: Path) -> str:
-    """Name the layout of ``source``.
-
-    Raises:
-        ValueError: no known layout matches (names the folder and the layouts tried).
-    """
-    if source.is_dir() and next(source.rglob("*_B02.tif"), None) is not None:
-        return "bigearthnet"
-    raise ValueError(f"{source}: no known layout detected (tried: {', '.join(LAYOUTS[1:])})")
+def _label_setup(scenes: list[SceneSpec]) -> tuple[list[str] | None, str]:
+    labelled = [s for s in scenes if s.labels is not None]
+    if not labelled:
+        return None, "multilabel"
+    first = labelled[0].labels
+    assert first is not None
+    for s in labelled[1:]:
+        assert s.labels is not None
+        if s.labels.classes != first.classes or s.labels.label_type != first.label_type:
+            raise ValueError(f"scene {s.name}: labels ({s.labels.label_type}, {len(s.labels.classes)} classes) "
+                             f"differ from scene {labelled[0].name}'s ({first.label_type}, {len(first.classes)})")
+    if len(labelled) != len(scenes):
+        missing = [s.name for s in scenes if s.labels is None][:5]
+        raise ValueError(f"scenes {missing} have no labels while others do; ingest them separately")
+    return list(first.classes), first.label_type
 
 
 def ingest(
     source: str | Path,
     out: str | Path,
     layout: str = "auto",
-    chip_size: int = 64,
-    stride: int | None = None,
-    seed: int = 0,
+    params: DataParams | None = None,
+    validation: ValidationParams | None = None,
+    reports_dir: str | Path = "reports",
+    labels: str | Path | None = None,
+    label_attribute: str | None = None,
+    classes: list[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Read every sample under ``source`` and write the chip store ``out``.
+    """Read every scene under ``source`` and write the validated chip store ``out``.
 
     Args:
-        source: folder of imagery.
+        source: folder of imagery, or a STAC ``catalog.json``.
         out: chip store path (written atomically; replaced when it exists).
-        layout: ``auto`` or a named layout.
-        chip_size: chip height/width in pixels.
-        stride: chip stride (defaults to ``chip_size``).
-        seed: seed of the spatially blocked split.
-        progress: callback ``(done, total, sample_name)``.
+        layout: ``auto`` or a name from :data:`mapex_core.data.layouts.LAYOUTS`.
+        params: chip size, stride, split and target grid.
+        validation: thresholds of the validation suite.
+        reports_dir: root of the validation reports.
+        labels: vector labels for the ``scenes`` layout (GeoPackage, GeoJSON, ...).
+        label_attribute: class column of the vector labels.
+        classes: class names in id order (masks; optional for vectors).
+        progress: callback ``(done, total, scene_name)``.
+        **overrides: ``DataParams`` fields (e.g. ``chip_size=120``).
 
     Returns:
-        Summary: samples, chips, per-modality chip counts, seconds.
+        Summary: layout, scenes, chips, quarantined, per-modality chip counts, seconds, paths.
+
+    Raises:
+        ValueError / FileNotFoundError: bad input, naming the file and the reason.
+        ValidationFailed: more than ``max_failed_share`` of the chips failed validation.
     """
     t0 = time.perf_counter()
-    src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: source not found")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    layout = detect_layout(src) if layout == "auto" else layout
-    pairs = bigearthnet.find_pairs(src)
-    modalities = ["s1", "s2"] if any(s1 is not None for s1, _ in pairs) else ["s2"]
+    p = params or DataParams()
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(p, key, value)
+    out = Path(out)
+    layout, scenes = find_scenes(source, layout, labels=Path(labels) if labels else None,
+                                 label_attribute=label_attribute, classes=classes)
+    present = {m for s in scenes for m in s.sources}
+    modalities = [m for m in MODALITIES if m in present]
+    class_names, label_type = _label_setup(scenes)
+    levels = {m: MODALITIES[m].description for m in modalities}
     counts = dict.fromkeys(modalities, 0)
-    with ChipWriter(out, modalities, chip_size, class_names=list(bigearthnet.BEN19_CLASSES),
-                    seed=seed, attrs={"layout": layout, "source": src.name}) as writer:
-        for i, (s1, s2) in enumerate(pairs):
-            sample = bigearthnet.read_pair(s1, s2)
-            n = writer.add_sample(sample, stride=stride)
+    attrs = {"layout": layout, "source": Path(source).name, "modality_descriptions": levels,
+             "stride": p.stride or p.chip_size, "split_block": p.split_block or 0}
+    writer = ChipWriter(out, modalities, p.chip_size, class_names=class_names, label_type=label_type,
+                        seed=p.seed, attrs=attrs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    group_split = assign_splits([s.group or s.name for s in scenes], p.seed)
+    try:
+        for i, spec in enumerate(scenes):
+            sample = load_scene(spec, crs=p.crs, resolution=p.resolution)
+            try:
+                split = spec.split or (None if p.split_block else group_split[spec.group or spec.name])
+                n = writer.add_sample(sample, stride=p.stride, split=split, group=spec.group,
+                                      split_block=p.split_block)
+            except ValueError as exc:
+                raise ValueError(f"scene {spec.name} ({spec.files()[0]}): {exc}") from exc
             for m in sample.arrays:
                 counts[m] += n
             if progress is not None:
-                progress(i + 1, len(pairs), sample.name)
+                progress(i + 1, len(scenes), spec.name)
+        if writer.n_chips == 0:
+            raise ValueError(f"{source}: no chips produced")
+        report_dir = Path(reports_dir) / "validation" / out.name.removesuffix(".zarr")
+        vparams = validation or ValidationParams()
+        report = validate_table(writer.table(), modalities, p.chip_size, writer.label_type,
+                                len(class_names or []), vparams, docs_dir=report_dir / "data_docs",
+                                name=out.name.removesuffix(".zarr").replace(".", "_"))
+        write_report(report, report_dir / "validation.json")
+        if not report.success:
+            raise ValidationFailed(report, str(out))
+        writer.close(quarantine=report.quarantine)
+    except BaseException:
+        writer.abort()
+        raise
+    splits: dict[str, int] = {}
+    for r in writer.rows:
+        if r["chip_id"] not in report.quarantine:
+            splits[r["split"]] = splits.get(r["split"], 0) + 1
     return {
         "out": str(out),
         "layout": layout,
-        "samples": len(pairs),
+        "scenes": len(scenes),
         "chips": writer.n_chips,
+        "quarantined": len(report.quarantine),
         "chips_per_modality": counts,
-        "chip_size": chip_size,
+        "splits": dict(sorted(splits.items())),
+        "label_type": writer.label_type,
+        "classes": class_names,
+        "chip_size": p.chip_size,
+        "validation_report": str(report_dir / "validation.json"),
+        "data_docs": report.docs,
         "seconds": round(time.perf_counter() - t0, 3),
     }

