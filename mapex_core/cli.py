@@ -203,7 +203,7 @@ def pretrain(
         try:
             metrics = run_pretrain(chips, out, cfg, tp, device=device, resume=resume, overwrite=overwrite,
                                    on_step=cb)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, FloatingPointError) as exc:
             _fail(str(exc))
     summary = {k: metrics[k] for k in ("final_loss", "tokens_per_s", "samples_per_s", "specialisation",
                                        "parameters", "num_chips", "device")}

@@ -43,7 +43,8 @@ def test_backward_reaches_experts_and_routers(model4):
 @pytest.mark.parametrize(
     "inputs, message",
     [
-        (lambda: {"s3": torch.randn(1, 2, 32, 32)}, r"unknown modality 's3'; this model takes \['s1', 's2', 'rgb', 'dem'\]"),
+        (lambda: {"s3": torch.randn(1, 2, 32, 32)},
+         r"unknown modality 's3' \(input shape \(1, 2, 32, 32\)\); this model takes s1 \(B, 2, H, W\), s2 \(B, 12, H, W\), rgb \(B, 3, H, W\), dem \(B, 1, H, W\)"),
         (lambda: {"s2": torch.randn(1, 10, 32, 32)}, r"modality 's2': expected 12 bands, shape \(B, 12, H, W\), got \(1, 10, 32, 32\)"),
         (lambda: {"s1": torch.randn(1, 2, 32, 32), "s2": torch.randn(1, 12, 16, 16)},
          r"modality 's2': expected shape \(1, 12, 32, 32\) to match 's1', got \(1, 12, 16, 16\)"),
@@ -79,6 +80,8 @@ def test_config_json_round_trip(tmp_path):
         (dict(modalities=["landsat"]), "unknown modality 'landsat'"),
         (dict(top_k=9), r"top_k \(9\) must be between 1 and the number of experts \(4\)"),
         (dict(dim=31), "divisible by heads"),
+        (dict(dim=30, heads=3), r"dim \(30\) and decoder_dim \(32\) must be multiples of 4"),
+        (dict(experts_per_modality=0, top_k=1), "need at least one expert"),
     ],
 )
 def test_config_rejects_bad_values(kw, message):
@@ -115,3 +118,19 @@ def test_parameter_breakdown_sums_to_total(model4):
     parts = model4.parameter_breakdown()
     assert sum(parts.values()) == model4.num_parameters()
     assert parts["experts"] > 0 and parts["routers"] > 0
+
+
+def test_shared_experts_only_config_runs():
+    cfg = MapexConfig(**{**TINY, "modalities": ["s1", "s2"], "experts_per_modality": 0, "shared_experts": 3})
+    assert cfg.expert_groups() == [-1, -1, -1]
+    model = MapexModel(cfg)
+    out = model(_inputs(cfg, ["s1", "s2"]))
+    assert out.loss.isfinite()
+
+
+def test_forward_backward_under_bf16_autocast(model4):
+    model4.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model4(_inputs(model4.config, ["s1", "s2"]))
+    out.loss.backward()
+    assert out.loss.isfinite() and model4.blocks[0].ffn.w1.grad.isfinite().all()

@@ -81,6 +81,16 @@ class MapexConfig:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.dim % 4 or self.decoder_dim % 4:
+            raise ValueError(
+                f"dim ({self.dim}) and decoder_dim ({self.decoder_dim}) must be multiples of 4 "
+                "(2-D sin-cos position embedding)"
+            )
+        if self.experts_per_modality < 0 or self.shared_experts < 0 or self.num_experts < 1:
+            raise ValueError(
+                f"need at least one expert: experts_per_modality={self.experts_per_modality}, "
+                f"shared_experts={self.shared_experts}"
+            )
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(
                 f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
@@ -134,8 +144,8 @@ class MapexConfig:
 
     def expert_groups(self) -> list[int]:
         """Modality index owning each original expert, ``-1`` for shared experts."""
-        groups = [e // self.experts_per_modality for e in range(self.num_experts)]
-        return [g if g < self.num_modalities else -1 for g in groups]
+        per, n_grouped = self.experts_per_modality, self.experts_per_modality * self.num_modalities
+        return [e // per if e < n_grouped else -1 for e in range(self.num_experts)]
 
     def layer_experts(self, moe_index: int) -> list[int]:
         """Original expert indices present in MoE layer ``moe_index`` (after pruning)."""

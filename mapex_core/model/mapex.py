@@ -116,14 +116,15 @@ class MAEOutput:
         loss: ``recon_loss + balance_loss_weight * aux_loss``.
         recon_loss: mean over present modalities of the masked-patch MSE.
         aux_loss: mean balance loss over MoE layers.
-        per_modality: masked-patch MSE per present modality (detached floats).
+        per_modality: masked-patch MSE per present modality (detached scalar tensors: reading
+            them is a host sync, so a training loop does it only when it logs).
         mask: ``(B, T)`` 1 where a token was hidden from the encoder.
     """
 
     loss: Tensor
     recon_loss: Tensor
     aux_loss: Tensor
-    per_modality: dict[str, float]
+    per_modality: dict[str, Tensor]
     mask: Tensor
 
 
@@ -204,7 +205,9 @@ class MapexModel(nn.Module):
         ref_name, ref = None, None
         for m, x in inputs.items():
             if m not in c.in_chans:
-                raise ValueError(f"unknown modality {m!r}; this model takes {c.modalities}")
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"unknown modality {m!r} (input shape {shape}); this model takes "
+                                 + ", ".join(f"{k} (B, {v}, H, W)" for k, v in c.in_chans.items()))
             expected = f"(B, {c.in_chans[m]}, H, W)"
             if not isinstance(x, Tensor) or x.dim() != 4:
                 shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -320,7 +323,7 @@ class MapexModel(nn.Module):
             err = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
             loss_m = (err * mask[:, sl]).sum() / mask[:, sl].sum().clamp_min(1.0)
             losses.append(loss_m)
-            per_modality[m] = float(loss_m.detach())
+            per_modality[m] = loss_m.detach()
         recon = torch.stack(losses).mean()
         return MAEOutput(
             loss=recon + c.balance_loss_weight * aux,

@@ -30,9 +30,16 @@ from torch import Tensor, nn
 IMPLS = ("sorted", "loop")
 
 
+def _count(index: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """``bincount`` without its host sync on CUDA (it reads min/max back): an ``index_add``."""
+    return torch.zeros(size, dtype=dtype, device=index.device).index_add_(
+        0, index, torch.ones_like(index, dtype=dtype)
+    )
+
+
 def default_expert_groups(num_experts: int, num_modalities: int) -> list[int]:
     """Owner modality of each expert: equal groups in modality order, the rest shared (-1)."""
-    per = num_experts // num_modalities
+    per = num_experts // num_modalities if num_modalities else 0
     return [e // per if per and e < per * num_modalities else -1 for e in range(num_experts)]
 
 
@@ -126,7 +133,7 @@ class MoELayer(nn.Module):
         """Per-modality load-balancing loss (1.0 when balanced), averaged over present modalities."""
         m, e = self.num_modalities, self.num_experts
         slot_key = (modality_ids.unsqueeze(1) * e + top_idx).reshape(-1)  # (N*k,)
-        counts = torch.bincount(slot_key, minlength=m * e).view(m, e).float()  # (M, E)
+        counts = _count(slot_key, m * e, probs.dtype).view(m, e)  # (M, E)
         prob_sum = probs.new_zeros(m, e).index_add_(0, modality_ids, probs)  # (M, E)
         if self.routing == "modality":
             group = self.expert_group.unsqueeze(0)  # (1, E)
@@ -139,7 +146,7 @@ class MoELayer(nn.Module):
         p = prob_sum * allowed
         p = p / p.sum(1, keepdim=True).clamp_min(1e-9)
         per_modality = allowed.sum(1) * (f * p).sum(1)  # (M,)
-        present = (torch.bincount(modality_ids, minlength=m) > 0).float()  # (M,)
+        present = (counts.sum(1) > 0).float()  # (M,) modalities with tokens
         return (per_modality * present).sum() / present.sum().clamp_min(1.0)
 
     @torch.no_grad()
@@ -180,7 +187,7 @@ class MoELayer(nn.Module):
         order = flat_expert.argsort(stable=True)  # (N*k,) slots grouped by expert
         token_of_slot = torch.div(order, k, rounding_mode="floor")  # (N*k,) source token
         gate_sorted = gates.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # (N*k, 1)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        counts = _count(flat_expert, self.num_experts, torch.long)  # (E,)
         x_sorted = x.index_select(0, token_of_slot)  # (N*k, D), contiguous per expert
         y = x.new_zeros(x.shape[0], self.dim)  # (N, D)
         start = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available")
     return torch.device(device)
@@ -135,7 +138,8 @@ def pretrain(
         overwrite: start over even if ``out/checkpoints`` holds an earlier run (deletes it).
             Without ``resume`` or ``overwrite``, an earlier run's checkpoints are an error, so
             a forgotten flag never throws away training.
-        on_step: progress callback ``(step, total, logs)``.
+        on_step: progress callback ``(step, total, logs)``; ``logs["loss"]`` is the latest
+            logged (``log_every``) mean loss, so the callback adds no host sync.
 
     Returns:
         The metrics dict also written to ``out/metrics.json``.
@@ -179,14 +183,27 @@ def pretrain(
     sampler = PresenceBatchSampler(store, params.batch_size, seed=params.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
     model.train()
-    acc: dict[str, float] = {"loss": 0.0, "recon_loss": 0.0, "aux_loss": 0.0, "n": 0}
+    # running sums of (loss, recon_loss, aux_loss) stay on the device: reading them back is a
+    # host sync, done only when logging or checkpointing
+    acc = torch.zeros(3, device=dev, dtype=torch.float64)
+    acc_n = 0
+    if ckpt is not None:
+        acc += torch.tensor(state.get("acc", [0.0, 0.0, 0.0]), device=dev, dtype=torch.float64)
+        acc_n = int(state.get("acc_n", 0))
+    last_loss = history["loss"][-1] if history["loss"] else float("nan")
 
+    def check_finite(where: int) -> list[float]:
+        vals = acc.tolist()
+        if not all(math.isfinite(v) for v in vals):
+            raise FloatingPointError(f"non-finite loss before step {where}; lower pretrain.lr")
+        return vals
+
+    t_mark = time.perf_counter()
     while step < params.steps:
         batches = sampler.batches(epoch)[pos:]
         loader = DataLoader(store, batch_sampler=batches, collate_fn=collate,
                             num_workers=params.num_workers)
         for batch in loader:
-            t0 = time.perf_counter()
             inputs = {m: batch[m].to(dev, non_blocking=True) for m in config.modalities if m in batch}
             inputs = drop_modalities(inputs, config.modalities, params.modality_dropout, drop_gen)
             if autocast is not None:
@@ -202,31 +219,37 @@ def pretrain(
             if params.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             optimizer.step()
-            loss = float(res.loss.detach())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}; lower pretrain.lr")
-            train_time += time.perf_counter() - t0
+            acc += torch.stack([res.loss.detach(), res.recon_loss.detach(), res.aux_loss.detach()]).double()
+            acc_n += 1
             samples_seen += next(iter(inputs.values())).shape[0]
             tokens_seen += sum(x.shape[0] * (x.shape[-2] // config.patch_size) * (x.shape[-1] // config.patch_size)
                                for x in inputs.values())
             step, pos = step + 1, pos + 1
-            acc["loss"] += loss
-            acc["recon_loss"] += float(res.recon_loss.detach())
-            acc["aux_loss"] += float(res.aux_loss.detach())
-            acc["n"] += 1
-            if step % params.log_every == 0 or step == params.steps:
-                n = acc.pop("n")
+            is_log = step % params.log_every == 0 or step == params.steps
+            is_ckpt = step % params.ckpt_every == 0 or step == params.steps
+            if is_log:
+                vals = check_finite(step)  # syncs: the time below includes all queued work
                 history["steps"].append(step)
-                for k in ("loss", "recon_loss", "aux_loss"):
-                    history[k].append(acc[k] / n)
+                for k, v in zip(("loss", "recon_loss", "aux_loss"), vals, strict=True):
+                    history[k].append(v / acc_n)
                 history["lr"].append(lr)
-                acc = {"loss": 0.0, "recon_loss": 0.0, "aux_loss": 0.0, "n": 0}
-            if step % params.ckpt_every == 0 or step == params.steps:
+                last_loss = history["loss"][-1]
+                acc.zero_()
+                acc_n = 0
+            if is_ckpt:
+                pending = check_finite(step)
+                train_time += time.perf_counter() - t_mark
                 state = {"epoch": epoch, "pos": pos, "history": history, "train_time": train_time,
-                         "tokens_seen": tokens_seen, "samples_seen": samples_seen, "params": asdict(params)}
+                         "tokens_seen": tokens_seen, "samples_seen": samples_seen, "params": asdict(params),
+                         "acc": pending, "acc_n": acc_n}
                 save_checkpoint(ckpt_root, step, model, optimizer, state, generators, params.keep_checkpoints)
+                t_mark = time.perf_counter()
+            elif is_log:
+                now = time.perf_counter()
+                train_time += now - t_mark
+                t_mark = now
             if on_step is not None:
-                on_step(step, params.steps, {"loss": loss, "lr": lr})
+                on_step(step, params.steps, {"loss": last_loss, "lr": lr})
             if step >= params.steps:
                 break
         else:
