@@ -102,17 +102,16 @@ class _BandStats:
         self.hist = np.zeros((n_bands, HIST_BINS), np.int64)
 
     def update(self, x: np.ndarray) -> None:
-        """Add one chip ``(C, H, W)``; NaN pixels are skipped."""
-        flat = x.reshape(x.shape[0], -1).astype(np.float64)  # (C, H*W)
-        valid = ~np.isnan(flat)
-        v = np.where(valid, flat, 0.0)
-        self.count += valid.sum(1)
-        self.total += v.sum(1)
-        self.total_sq += (v * v).sum(1)
-        scaled = (np.clip(flat, self.lo, self.hi) - self.lo) / (self.hi - self.lo) * HIST_BINS
-        idx = np.clip(np.nan_to_num(scaled, nan=0).astype(np.int64), 0, HIST_BINS - 1)
-        for c in range(flat.shape[0]):
-            self.hist[c] += np.bincount(idx[c][valid[c]], minlength=HIST_BINS)
+        """Add the pixels of ``x`` ``(C, H, W)``; NaN pixels are skipped."""
+        scale = HIST_BINS / (self.hi - self.lo)
+        for c in range(x.shape[0]):
+            v = x[c][~np.isnan(x[c])].astype(np.float64)  # valid pixels of band c
+            self.count[c] += v.size
+            self.total[c] += v.sum()
+            self.total_sq[c] += np.dot(v, v)
+            idx = ((v - self.lo) * scale).astype(np.int64)
+            np.clip(idx, 0, HIST_BINS - 1, out=idx)
+            self.hist[c] += np.bincount(idx, minlength=HIST_BINS)
 
     def finish(self) -> dict[str, np.ndarray]:
         n = np.maximum(self.count, 1)
@@ -154,7 +153,7 @@ class ChipWriter:
         class_names: list[str] | None = None,
         label_type: str = "multilabel",
         seed: int = 0,
-        flush_every: int = 64,
+        flush_every: int = 256,
         attrs: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
@@ -209,9 +208,14 @@ class ChipWriter:
         h, w = sample.grid.shape
         cs, st = self.chip_size, stride or self.chip_size
         group = group or sample.name
+        rows, cols = chip_offsets(h, cs, st), chip_offsets(w, cs, st)
+        for m, a in sample.arrays.items():  # statistics over the sample's pixels, once
+            if m not in self.stats:
+                raise ValueError(f"modality {m!r} is not in this store ({self.modalities})")
+            self.stats[m].update(a)
         n = 0
-        for r in chip_offsets(h, cs, st):
-            for c in chip_offsets(w, cs, st):
+        for r in rows:
+            for c in cols:
                 if split is not None:
                     chip_split = split
                 elif split_block:
@@ -232,6 +236,7 @@ class ChipWriter:
                     row=r,
                     col=c,
                     split=chip_split,
+                    update_stats=False,
                 )
                 n += 1
         return n
@@ -247,8 +252,13 @@ class ChipWriter:
         row: int = 0,
         col: int = 0,
         split: str | None = None,
+        update_stats: bool = True,
     ) -> None:
-        """Add one chip. ``arrays`` maps present modalities to ``(C, chip, chip)`` arrays."""
+        """Add one chip. ``arrays`` maps present modalities to ``(C, chip, chip)`` arrays.
+
+        ``update_stats=False`` when the caller has already added these pixels to the
+        normalisation statistics (``add_sample`` does it once per sample).
+        """
         if chip_id in self._ids:
             raise ValueError(f"duplicate chip id {chip_id!r}")
         for m, a in arrays.items():
@@ -272,13 +282,14 @@ class ChipWriter:
                 meta[f"nodata_frac_{m}"] = 1.0
                 meta[f"min_{m}"] = meta[f"max_{m}"] = np.full(self.specs[m].num_bands, np.nan)
                 continue
-            self.stats[m].update(a)
-            digest.update(m.encode() + np.ascontiguousarray(a, dtype=np.float32).tobytes())
-            valid = ~np.isnan(a)
-            meta[f"nodata_frac_{m}"] = float(1.0 - valid.mean())
-            with np.errstate(all="ignore"):
-                meta[f"min_{m}"] = np.where(valid.any((1, 2)), np.nanmin(np.where(valid, a, np.inf), (1, 2)), np.nan)
-                meta[f"max_{m}"] = np.where(valid.any((1, 2)), np.nanmax(np.where(valid, a, -np.inf), (1, 2)), np.nan)
+            if update_stats:
+                self.stats[m].update(a)
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            digest.update(m.encode() + a.tobytes())
+            flat = a.reshape(a.shape[0], -1)  # (C, H*W)
+            meta[f"nodata_frac_{m}"] = float(np.isnan(flat).mean())
+            meta[f"min_{m}"] = np.fmin.reduce(flat, axis=1)  # NaN-skipping; NaN only if all NaN
+            meta[f"max_{m}"] = np.fmax.reduce(flat, axis=1)
         if labels is not None and self.label_type != "none":
             lab = np.asarray(labels, dtype=np.float64).reshape(-1)
             meta["label_min"], meta["label_max"] = float(lab.min()), float(lab.max())
@@ -325,8 +336,8 @@ class ChipWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
+        # only the pixel arrays stream to disk; the per-chip metadata (small) is written at close
         b, cs = self._buffer, self.chip_size
-        rows = self.rows[len(self.rows) - len(b):]
         data: dict[str, Any] = {}
         for m, spec in self.specs.items():
             arr = np.full((len(b), spec.num_bands, cs, cs), np.nan, np.float32)
@@ -334,23 +345,12 @@ class ChipWriter:
                 if m in chip["arrays"]:
                     arr[i] = chip["arrays"][m]
             data[m] = (("chip", f"band_{m}", "y", "x"), arr)
-            data[f"{m}_chip_min"] = (("chip", f"band_{m}"), np.stack([r[f"min_{m}"] for r in rows]))
-            data[f"{m}_chip_max"] = (("chip", f"band_{m}"), np.stack([r[f"max_{m}"] for r in rows]))
-        data["present"] = (("chip", "modality"),
-                           np.array([[r[f"present_{m}"] for m in self.modalities] for r in rows]))
-        data["nodata_frac"] = (("chip", "modality"),
-                               np.array([[r[f"nodata_frac_{m}"] for m in self.modalities] for r in rows], np.float32))
         if self.label_type == "multilabel":
             data["labels"] = (("chip", "class"), np.stack([c["labels"] for c in b]).astype(np.uint8))
         elif self.label_type == "class":
             data["labels"] = (("chip",), np.array([int(c["labels"]) for c in b], np.int16))
         elif self.label_type == "mask":
             data["labels"] = (("chip", "y", "x"), np.stack([c["labels"] for c in b]).astype(np.int16))
-        data["transform"] = (("chip", "affine"), np.array([r["transform"] for r in rows], np.float64))
-        for col in ("chip_id", "sample", "split", "crs", "time", "content_hash"):
-            data[col] = (("chip",), np.array([r[col] for r in rows], dtype=object))  # variable length
-        for col in ("row", "col"):
-            data[col] = (("chip",), np.array([r[col] for r in rows], np.int32))
         ds = xr.Dataset(data)
         if self.tmp.exists():
             ds.to_zarr(self.tmp, mode="a", append_dim="chip", zarr_format=2, consolidated=False)
@@ -379,10 +379,22 @@ class ChipWriter:
         unknown = sorted(set(q) - self._ids)
         if unknown:
             raise ValueError(f"quarantine names unknown chips: {unknown[:5]}")
+        rows = self.rows
         stats: dict[str, Any] = {}
         for m in self.modalities:
             for key, val in self.stats[m].finish().items():
                 stats[f"{m}_{key}"] = ((f"band_{m}",), val)
+            stats[f"{m}_chip_min"] = (("chip", f"band_{m}"), np.stack([r[f"min_{m}"] for r in rows]))
+            stats[f"{m}_chip_max"] = (("chip", f"band_{m}"), np.stack([r[f"max_{m}"] for r in rows]))
+        stats["present"] = (("chip", "modality"),
+                            np.array([[r[f"present_{m}"] for m in self.modalities] for r in rows]))
+        stats["nodata_frac"] = (("chip", "modality"), np.array(
+            [[r[f"nodata_frac_{m}"] for m in self.modalities] for r in rows], np.float32))
+        stats["transform"] = (("chip", "affine"), np.array([r["transform"] for r in rows], np.float64))
+        for col in ("chip_id", "sample", "split", "crs", "time", "content_hash"):
+            stats[col] = (("chip",), np.array([r[col] for r in rows], dtype=object))  # variable length
+        for col in ("row", "col"):
+            stats[col] = (("chip",), np.array([r[col] for r in rows], np.int32))
         ids = [r["chip_id"] for r in self.rows]
         stats["quarantined"] = (("chip",), np.array([cid in q for cid in ids]))
         stats["quarantine_reasons"] = (("chip",), np.array(["; ".join(q.get(cid, [])) for cid in ids], dtype=object))
