@@ -33,3 +33,14 @@ def ben_store(ben_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "ben.zarr"
     ingest(ben_root, out, layout="bigearthnet", reports_dir=root / "reports", chip_size=64, stride=56, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_flood_store(ben_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Chip store of the real Sen1Floods11 chip: 64 px chips, 128 px split blocks."""
+    from mapex_core.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("flood_chips")
+    out = root / "flood.zarr"
+    ingest(ben_root.parent / "sen1floods11_sample", out, reports_dir=root / "reports", chip_size=64, split_block=128)
+    return out

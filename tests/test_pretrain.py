@@ -91,7 +91,10 @@ def test_cli_pretrain_writes_the_contract_files(ben_store, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["loss"]) == 3 and metrics["tokens_per_s"] > 0
     assert set(metrics["specialisation"]) == {"s1", "s2"}
-    assert MapexConfig.from_json(out / "config.json") == MapexConfig(**SMALL)
+    saved = MapexConfig.from_json(out / "config.json")
+    assert set(saved.normalization) == {"s1", "s2"} and len(saved.normalization["s2"]["mean"]) == 12
+    saved.normalization = None
+    assert saved == MapexConfig(**SMALL)
     summary = json.loads(res.stdout)
     assert summary["outputs"]["model.safetensors"].endswith("model.safetensors")
 
@@ -137,3 +140,18 @@ def test_cli_ingest_and_info(ben_root, tmp_path):
     res = _mapex("ingest", "--source", str(ben_root), "--out", "d.zarr", "--chip-size", "128", cwd=tmp_path)
     assert res.returncode != 0 and "chip size 128 is larger than the image (120 px)" in res.stderr
     assert not (tmp_path / "d.zarr").exists()
+
+
+def test_pretraining_on_several_stores_pools_their_statistics(ben_store, shared_flood_store, tmp_path):
+    from mapex_core.data.chips import ChipStore
+
+    cfg = MapexConfig(**{**SMALL, "modalities": ["s1", "s2", "s2l1c"]})
+    m = pretrain([ben_store, shared_flood_store], tmp_path / "multi", cfg, _params(steps=6, log_every=2),
+                 device="cpu")
+    assert set(m["specialisation"]) == {"s1", "s2", "s2l1c"}
+    saved = load_model(tmp_path / "multi").config
+    ben, flood = ChipStore.open(ben_store), ChipStore.open(shared_flood_store)
+    n_b, n_f = ben.band_stats("s1")["count"].values, flood.band_stats("s1")["count"].values
+    pooled = (n_b * ben.band_stats("s1")["mean"].values + n_f * flood.band_stats("s1")["mean"].values) / (n_b + n_f)
+    assert saved.normalization["s1"]["mean"] == pytest.approx(list(pooled), rel=1e-6)
+    assert saved.normalization["s2l1c"]["mean"] == pytest.approx(list(flood.band_stats("s2l1c")["mean"].values))

@@ -433,7 +433,8 @@ class ChipStore(Dataset):
     """
 
     def __init__(self, path: Path, ds: xr.Dataset, modalities: list[str], indices: np.ndarray,
-                 normalize: bool, arrays: dict[str, Any]) -> None:
+                 normalize: bool, arrays: dict[str, Any],
+                 normalization: dict[str, dict[str, list[float]]] | None = None) -> None:
         self.path = path
         self.ds = ds
         self.modalities = modalities
@@ -441,8 +442,11 @@ class ChipStore(Dataset):
         self.normalize = normalize
         self._arrays = arrays
         self.stored_modalities = list(ds.attrs["modalities"])
-        self.mean = {m: ds[f"{m}_mean"].values.astype(np.float32)[:, None, None] for m in modalities}
-        self.std = {m: ds[f"{m}_std"].values.astype(np.float32)[:, None, None] for m in modalities}
+        norm = normalization or {}
+        self.mean = {m: np.asarray(norm[m]["mean"] if m in norm else ds[f"{m}_mean"].values,
+                                   np.float32)[:, None, None] for m in modalities}
+        self.std = {m: np.asarray(norm[m]["std"] if m in norm else ds[f"{m}_std"].values,
+                                  np.float32)[:, None, None] for m in modalities}
         cols = [self.stored_modalities.index(m) for m in modalities]
         self.present = np.asarray(ds["present"].values)[indices][:, cols]  # (N, M)
         self.labels = np.asarray(ds["labels"].values)[indices] if "labels" in ds else None
@@ -459,6 +463,7 @@ class ChipStore(Dataset):
         in_memory: bool | None = None,
         max_memory_bytes: int = 2 << 30,
         include_quarantined: bool = False,
+        normalization: dict[str, dict[str, list[float]]] | None = None,
     ) -> ChipStore:
         """Open a chip store.
 
@@ -469,6 +474,8 @@ class ChipStore(Dataset):
             normalize: apply the stored per-band normalisation.
             in_memory: load the arrays into RAM; default when they fit ``max_memory_bytes``.
             include_quarantined: keep chips that failed validation (skipped by default).
+            normalization: per modality ``{"mean": [...], "std": [...]}`` to use instead of the
+                store's own statistics (a model's training statistics).
 
         Raises:
             FileNotFoundError: no store at ``path``.
@@ -502,7 +509,7 @@ class ChipStore(Dataset):
         nbytes = sum(ds[m].nbytes for m in mods)
         load = in_memory if in_memory is not None else nbytes <= max_memory_bytes
         arrays = {m: (ds[m].values if load else ds[m].variable) for m in mods}
-        return cls(path, ds, mods, indices, normalize, arrays)
+        return cls(path, ds, mods, indices, normalize, arrays, normalization)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -559,12 +566,60 @@ class ChipStore(Dataset):
         cols = {k: self.ds[f"{modality}_{k}"].values for k in ("mean", "std", "p01", "p99", "count")}
         return pd.DataFrame(cols, index=[str(b) for b in self.ds[f"band_{modality}"].values])
 
-    def presence_patterns(self) -> dict[tuple[str, ...], list[int]]:
-        """Indices of this view grouped by the set of modalities present."""
-        groups: dict[tuple[str, ...], list[int]] = {}
+    @property
+    def chip_size(self) -> int:
+        return int(self.ds.attrs["chip_size"])
+
+    def presence_patterns(self) -> dict[tuple, list[int]]:
+        """Indices of this view grouped by the set of modalities present (chips that stack)."""
+        groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.present):
             key = tuple(m for m, p in zip(self.modalities, row, strict=True) if p)
             groups.setdefault(key, []).append(i)
+        return groups
+
+
+def pooled_normalization(stores: list[ChipStore]) -> dict[str, dict[str, list[float]]]:
+    """Per-band mean and std over several stores (pooled by pixel counts), per modality."""
+    out: dict[str, dict[str, list[float]]] = {}
+    mods = sorted({m for s in stores for m in s.modalities})
+    for m in mods:
+        parts = [(s.ds[f"{m}_count"].values, s.ds[f"{m}_mean"].values, s.ds[f"{m}_std"].values)
+                 for s in stores if m in s.modalities]
+        n = sum(p[0] for p in parts)
+        mean = sum(p[0] * p[1] for p in parts) / np.maximum(n, 1)
+        second = sum(p[0] * (p[2] ** 2 + p[1] ** 2) for p in parts) / np.maximum(n, 1)
+        std = np.sqrt(np.maximum(second - mean**2, 0.0))
+        out[m] = {"mean": [float(v) for v in mean], "std": [float(v) if v > 1e-6 else 1.0 for v in std]}
+    return out
+
+
+class ConcatStores(Dataset):
+    """Several chip stores as one dataset of modality-only items (labels dropped: pre-training).
+
+    Chips stack into one batch only when they share their present modalities and chip size,
+    so :meth:`presence_patterns` groups by both.
+    """
+
+    def __init__(self, stores: list[ChipStore]) -> None:
+        self.stores = stores
+        self.offsets = np.cumsum([0] + [len(s) for s in stores])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        item = self.stores[k][i - int(self.offsets[k])]
+        item.pop("labels", None)
+        item["index"] = i
+        return item
+
+    def presence_patterns(self) -> dict[tuple, list[int]]:
+        groups: dict[tuple, list[int]] = {}
+        for k, store in enumerate(self.stores):
+            for key, idx in store.presence_patterns().items():
+                groups.setdefault((key, store.chip_size), []).extend(int(self.offsets[k]) + j for j in idx)
         return groups
 
 
@@ -593,7 +648,8 @@ class PresenceBatchSampler(Sampler[list[int]]):
     The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
     """
 
-    def __init__(self, store: ChipStore, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
+    def __init__(self, store: ChipStore | ConcatStores, batch_size: int, seed: int = 0,
+                 drop_last: bool = True) -> None:
         self.groups = [g for g in store.presence_patterns().values()]
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.epoch = 0

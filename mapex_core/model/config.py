@@ -41,6 +41,11 @@ class MapexConfig:
         decoder_heads: attention heads of the MAE decoder.
         kept_experts: per MoE layer, the original expert indices this model keeps (set by
             pruning; ``None`` means all experts).
+        expert_modalities: the modalities whose groups define the original expert numbering
+            (set by pruning, which keeps the numbering of the source model while
+            ``modalities`` shrinks to the application's); ``None`` means ``modalities``.
+        normalization: per modality ``{"mean": [...], "std": [...]}`` per band: the statistics the
+            model was trained with (set by pre-training; fine-tuning and serving reuse them).
         origin: free-form lineage (set by pruning: the source model and its config).
     """
 
@@ -64,6 +69,8 @@ class MapexConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     kept_experts: list[list[int]] | None = None
+    expert_modalities: list[str] | None = None
+    normalization: dict[str, dict[str, list[float]]] | None = None
     origin: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +116,12 @@ class MapexConfig:
                 f"top_k ({self.top_k}) must be between 1 and the number of experts "
                 f"({self.num_experts})"
             )
+        if self.expert_modalities is not None:
+            self.expert_modalities = list(self.expert_modalities)
+            missing = [m for m in self.modalities if m not in self.expert_modalities]
+            if missing:
+                raise ValueError(f"modalities {missing} have no expert group in expert_modalities "
+                                 f"{self.expert_modalities}")
         if self.kept_experts is not None:
             self.kept_experts = [sorted(int(e) for e in layer) for layer in self.kept_experts]
             if len(self.kept_experts) != len(self.moe_layers):
@@ -130,8 +143,8 @@ class MapexConfig:
 
     @property
     def num_experts(self) -> int:
-        """Experts of the unpruned layer: one group per modality plus the shared ones."""
-        return self.experts_per_modality * self.num_modalities + self.shared_experts
+        """Experts of the unpruned layer: one group per (expert) modality plus the shared ones."""
+        return self.experts_per_modality * len(self.expert_modalities or self.modalities) + self.shared_experts
 
     @property
     def hidden_dim(self) -> int:
@@ -143,9 +156,18 @@ class MapexConfig:
         return [i for i in range(self.depth) if (i + 1) % self.moe_every == 0]
 
     def expert_groups(self) -> list[int]:
-        """Modality index owning each original expert, ``-1`` for shared experts."""
-        per, n_grouped = self.experts_per_modality, self.experts_per_modality * self.num_modalities
-        return [e // per if e < n_grouped else -1 for e in range(self.num_experts)]
+        """Index in ``modalities`` of the modality owning each original expert.
+
+        ``-1`` for shared experts, and for experts of a modality this model no longer takes
+        (a pruned model may keep some when routing sent its modalities' tokens there).
+        """
+        owners = self.expert_modalities or self.modalities
+        per, n_grouped = self.experts_per_modality, self.experts_per_modality * len(owners)
+        out = []
+        for e in range(self.num_experts):
+            owner = owners[e // per] if e < n_grouped else None
+            out.append(self.modalities.index(owner) if owner in self.modalities else -1)
+        return out
 
     def layer_experts(self, moe_index: int) -> list[int]:
         """Original expert indices present in MoE layer ``moe_index`` (after pruning)."""

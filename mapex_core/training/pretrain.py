@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mapex_core.data.chips import ChipStore, PresenceBatchSampler, collate
+from mapex_core.data.chips import (
+    ChipStore,
+    ConcatStores,
+    PresenceBatchSampler,
+    collate,
+    pooled_normalization,
+)
 from mapex_core.model import MapexConfig, MapexModel, collect_routing_stats, save_model
 from mapex_core.training.checkpoint import (
     latest_checkpoint,
@@ -100,7 +106,7 @@ def drop_modalities(batch: dict[str, torch.Tensor], modalities: list[str], prob:
     return {present[i]: batch[present[i]] for i in sorted(order)}
 
 
-def routing_summary(model: MapexModel, store: ChipStore, device: torch.device, batch_size: int,
+def routing_summary(model: MapexModel, store: ChipStore | ConcatStores, device: torch.device, batch_size: int,
                     max_batches: int) -> dict[str, Any]:
     """Routing statistics of ``model`` over (up to ``max_batches`` of) ``store``, unmasked."""
     model.eval()
@@ -115,8 +121,25 @@ def routing_summary(model: MapexModel, store: ChipStore, device: torch.device, b
     return stats.to_dict() | {"specialisation_per_layer": stats.specialisation_per_layer()}
 
 
+def open_stores(chips: str | Path | list[str | Path], config: MapexConfig, splits: list[str]) -> list[ChipStore]:
+    """Open every chip store with the model's modalities it holds.
+
+    Raises:
+        ValueError: a store holds none of the model's modalities.
+    """
+    paths = [chips] if isinstance(chips, str | Path) else list(chips)
+    stores = []
+    for p in paths:
+        probe = ChipStore.open(p, split=splits, in_memory=False)
+        mods = [m for m in config.modalities if m in probe.stored_modalities]
+        if not mods:
+            raise ValueError(f"{p}: holds {probe.stored_modalities}, none of the model's modalities {config.modalities}")
+        stores.append(ChipStore.open(p, modalities=mods, split=splits))
+    return stores
+
+
 def pretrain(
-    chips: str | Path,
+    chips: str | Path | list[str | Path],
     out: str | Path,
     config: MapexConfig,
     params: PretrainParams,
@@ -128,7 +151,8 @@ def pretrain(
     """Pre-train a MAPEX model with the multi-modal MAE objective.
 
     Args:
-        chips: chip store path.
+        chips: chip store path, or several (each contributes the model's modalities it holds;
+            normalisation statistics are pooled over all of them and stored in the config).
         out: output directory (created).
         config: model architecture (its modalities must be in the store).
         params: training knobs.
@@ -148,7 +172,14 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     dev = resolve_device(device)
-    store = ChipStore.open(chips, modalities=config.modalities, split=list(params.splits))
+    stores = open_stores(chips, config, list(params.splits))
+    if config.normalization is None:
+        config = MapexConfig.from_dict({**config.to_dict(), "normalization": pooled_normalization(stores)})
+    missing = [m for m in config.modalities if m not in config.normalization]
+    if missing:
+        raise ValueError(f"no chips of modalities {missing} in {chips}; the model takes {config.modalities}")
+    store = ConcatStores([ChipStore.open(s.path, modalities=s.modalities, split=list(params.splits),
+                                         normalization=config.normalization) for s in stores])
     if len(store) == 0:
         raise ValueError(f"{chips}: no chips in split(s) {list(params.splits)} with modalities {config.modalities}")
 
