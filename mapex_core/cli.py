@@ -166,7 +166,8 @@ def validate(
 
 @app.command()
 def pretrain(
-    chips: Path = typer.Option(..., help="Chip store to pre-train on."),
+    chips: list[Path] = typer.Option(..., help="Chip store(s) to pre-train on; repeat --chips for several "
+                                     "(normalisation statistics are pooled over them)."),
     out: Path = typer.Option(..., help="Output directory (model, metrics, checkpoints)."),
     params: Path = typer.Option(None, help="params.yaml with 'model' and 'pretrain' sections "
                                 "(default: ./params.yaml when it exists)."),
@@ -201,7 +202,7 @@ def pretrain(
             prog.update(task, completed=step, info=f"loss {logs['loss']:.4f}  lr {logs['lr']:.2e}")
 
         try:
-            metrics = run_pretrain(chips, out, cfg, tp, device=device, resume=resume, overwrite=overwrite,
+            metrics = run_pretrain(list(chips), out, cfg, tp, device=device, resume=resume, overwrite=overwrite,
                                    on_step=cb)
         except (FileNotFoundError, ValueError, FloatingPointError) as exc:
             _fail(str(exc))
@@ -210,6 +211,109 @@ def pretrain(
     summary["outputs"] = {n: str(out / n) for n in ("config.json", "model.safetensors", "metrics.json",
                                                     "routing_stats.json", "checkpoints")}
     _print_json(summary)
+
+
+def _load_app(name: str, params: Path | None):  # noqa: ANN202 - Application
+    from mapex_core.apps import get_application
+
+    path = _params_path(params)
+    try:
+        return get_application(name, path if path is not None else {})
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def apps(params: Path = typer.Option(None, help="params.yaml with 'applications' (default: ./params.yaml).")) -> None:
+    """List the registered applications (name, modalities, task, metric, chips)."""
+    from mapex_core.apps import load_applications
+
+    path = _params_path(params)
+    try:
+        registry = load_applications(path if path is not None else {})
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _print_json({n: {k: a.to_dict()[k] for k in ("modalities", "task", "metric", "chips", "description")}
+                 for n, a in registry.items()})
+
+
+@app.command()
+def prune(
+    app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
+    checkpoint: Path = typer.Option(..., help="Pre-trained model directory (config.json + model.safetensors)."),
+    chips: Path = typer.Option(None, help="Calibration chip store (default: the app's chips)."),
+    out: Path = typer.Option(..., help="Output directory for the pruned model and prune_report.json."),
+    params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Keep only the experts the app's modalities use; write a standalone pruned model and a report."""
+    from mapex_core.training.prune import prune_app
+
+    application = _load_app(app_name, params)
+    chips = chips or (Path(application.chips) if application.chips else None)
+    if chips is None:
+        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    try:
+        report = prune_app(application, checkpoint, chips, out, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _print_json({k: report[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts",
+                                        "coverage", "max_output_deviation", "seconds")}
+                | {"out": str(out)})
+
+
+@app.command()
+def finetune(
+    app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
+    checkpoint: Path = typer.Option(..., help="Pruned (or any MAPEX) model directory."),
+    chips: Path = typer.Option(None, help="Labelled chip store (default: the app's chips)."),
+    out: Path = typer.Option(..., help="Output directory for the fine-tuned task model."),
+    params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
+    seed: int = typer.Option(None, help="Seed (default: the app's first seed)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Fine-tune a task head (and the encoder in 'full' mode) with early stopping on the val split."""
+    from mapex_core.training.finetune import finetune_app
+
+    application = _load_app(app_name, params)
+    chips = chips or (Path(application.chips) if application.chips else None)
+    if chips is None:
+        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    try:
+        summary = finetune_app(application, checkpoint, chips, out, device=device, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    hist = summary["history"]
+    _print_json({"app": summary["app"], "metric": summary["metric"], "best_val": hist["best_val"],
+                 "best_step": hist["best_step"], "train_chips": hist["train_chips"],
+                 "parameters": summary["parameters"], "seconds": summary["seconds"], "out": str(out)})
+
+
+@app.command()
+def evaluate(
+    app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
+    checkpoint: Path = typer.Option(..., help="Fine-tuned (pruned) task model directory."),
+    chips: Path = typer.Option(None, help="Labelled chip store (default: the app's chips)."),
+    out: Path = typer.Option(None, help="Report JSON (default: reports/<app>/evaluation.json)."),
+    pretrained: Path = typer.Option(None, help="Unpruned pre-trained model (default: from the lineage)."),
+    params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Pruned vs unpruned vs from-scratch on the test split, same labels and budget; JSON report."""
+    from mapex_core.training.finetune import VARIANTS, evaluate_app
+
+    application = _load_app(app_name, params)
+    chips = chips or (Path(application.chips) if application.chips else None)
+    if chips is None:
+        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    out = out or Path("reports") / application.name / "evaluation.json"
+    try:
+        report = evaluate_app(application, checkpoint, chips, out, device=device, pretrained=pretrained)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _print_json({"app": report["app"], "metric": report["metric"], "test_chips": report["test_chips"], "out": str(out)}
+                | {v: {k: report[v][k] for k in ("value", "ci95", "params", "checkpoint_bytes", "latency_ms")}
+                   for v in VARIANTS})
 
 
 @app.command()

@@ -125,7 +125,7 @@ def prune_model(model: MapexModel, modalities: list[str], kept: dict[int, list[i
     )
     if data.get("normalization"):
         data["normalization"] = {m: v for m, v in data["normalization"].items() if m in mods}
-    pruned = MapexModel(MapexConfig.from_dict(data))
+    pruned = MapexModel(MapexConfig.from_dict(data), with_decoder=model.with_decoder)
     src = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key in pruned.state_dict():

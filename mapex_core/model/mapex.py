@@ -136,9 +136,10 @@ class MapexModel(nn.Module):
     ``inputs`` maps any subset of ``config.modalities`` to ``(B, C_m, H, W)`` tensors on one grid.
     """
 
-    def __init__(self, config: MapexConfig) -> None:
+    def __init__(self, config: MapexConfig, with_decoder: bool = True) -> None:
         super().__init__()
         self.config = c = config
+        self.with_decoder = with_decoder
         d, p = c.dim, c.patch_size
         self.patch_embed = nn.ModuleDict(
             {m: nn.Conv2d(c.in_chans[m], d, kernel_size=p, stride=p) for m in c.modalities}
@@ -165,7 +166,13 @@ class MapexModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d)
 
-        dd = c.decoder_dim
+        if with_decoder:  # the MAE decoder; task models (encoder + head) leave it out
+            self._build_decoder()
+        self._init_weights()
+
+    def _build_decoder(self) -> None:
+        c = self.config
+        d, p, dd = c.dim, c.patch_size, c.decoder_dim
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_modality_embed = nn.Parameter(torch.zeros(c.num_modalities, dd))
@@ -176,7 +183,6 @@ class MapexModel(nn.Module):
         self.decoder_pred = nn.ModuleDict(
             {m: nn.Linear(dd, p * p * c.in_chans[m]) for m in c.modalities}
         )
-        self._init_weights()
 
     def _init_weights(self) -> None:
         for mod in self.modules():
@@ -189,8 +195,9 @@ class MapexModel(nn.Module):
         for conv in self.patch_embed.values():
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.normal_(self.modality_embed, std=0.02)
-        nn.init.normal_(self.decoder_modality_embed, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.with_decoder:
+            nn.init.normal_(self.decoder_modality_embed, std=0.02)
+            nn.init.normal_(self.mask_token, std=0.02)
 
     # ----- inputs -------------------------------------------------------------------------
     def validate_inputs(self, inputs: dict[str, Tensor]) -> tuple[int, int, int]:
@@ -289,6 +296,8 @@ class MapexModel(nn.Module):
             generator: RNG for the mask (reproducible runs and resumes).
         """
         c = self.config
+        if not self.with_decoder:
+            raise RuntimeError("this MapexModel was built without the MAE decoder; use encode()")
         ratio = c.mask_ratio if mask_ratio is None else mask_ratio
         tokens, ids, grid = self.tokenize(inputs)
         b, t, d = tokens.shape

@@ -1,0 +1,168 @@
+"""Task heads on the MAPEX encoder, and the task model (encoder + head) with its save format.
+
+* ``multilabel`` / ``multiclass``: mean-pooled encoder tokens -> LayerNorm -> Linear.
+* ``segmentation``: tokens averaged over the present modalities per patch -> a light decoder
+  (1x1 conv, then ``log2(patch)`` x [upsample x2, 3x3 conv, GELU]) -> per-pixel logits.
+
+A task model saves as ``config.json`` (the encoder's ``MapexConfig``), ``task.json`` (task,
+classes, head, metric, lineage) and ``model.safetensors`` (``encoder.*`` and ``head.*``); the
+MAE decoder is not part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mapex_core.model.config import MapexConfig
+from mapex_core.model.mapex import MapexModel
+
+TASKS = ("multilabel", "multiclass", "segmentation")
+
+
+class ClassificationHead(nn.Module):
+    """Mean-pooled tokens -> logits ``(B, K)``."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.fc(self.norm(tokens.mean(dim=1)))  # (B, K)
+
+
+class SegmentationHead(nn.Module):
+    """Token grid -> per-pixel logits ``(B, K, H, W)`` by x2 upsampling stages."""
+
+    def __init__(self, dim: int, num_classes: int, patch_size: int, channels: int = 64) -> None:
+        super().__init__()
+        stages = int(round(math.log2(patch_size)))
+        if 2**stages != patch_size:
+            raise ValueError(f"segmentation head needs a power-of-two patch size, got {patch_size}")
+        self.proj = nn.Conv2d(dim, channels, kernel_size=1)
+        self.up = nn.ModuleList(nn.Conv2d(channels, channels, kernel_size=3, padding=1) for _ in range(stages))
+        self.out = nn.Conv2d(channels, num_classes, kernel_size=1)
+
+    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int]) -> Tensor:
+        b, t, d = tokens.shape
+        h, w = grid
+        m = t // (h * w)
+        x = tokens.reshape(b, m, h * w, d).mean(dim=1)  # (B, L, D): average over modalities
+        x = x.transpose(1, 2).reshape(b, d, h, w)  # (B, D, h, w)
+        x = self.proj(x)  # (B, C, h, w)
+        for conv in self.up:
+            x = F.gelu(conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)))
+        return self.out(x)  # (B, K, H, W)
+
+
+def build_head(task: str, dim: int, num_classes: int, patch_size: int, channels: int = 64) -> nn.Module:
+    """The head for ``task``."""
+    if task == "segmentation":
+        return SegmentationHead(dim, num_classes, patch_size, channels)
+    if task in ("multilabel", "multiclass"):
+        return ClassificationHead(dim, num_classes)
+    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+
+
+class TaskModel(nn.Module):
+    """A MAPEX encoder with a task head.
+
+    Args:
+        encoder: a ``MapexModel`` (its MAE decoder, if any, is not used).
+        task: ``multilabel``, ``multiclass`` or ``segmentation``.
+        class_names: the classes, in logit order.
+        info: free-form task metadata saved in ``task.json`` (metric, app, lineage...).
+    """
+
+    def __init__(self, encoder: MapexModel, task: str, class_names: list[str],
+                 info: dict[str, Any] | None = None, head_channels: int = 64) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.task = task
+        self.class_names = list(class_names)
+        self.info = dict(info or {})
+        self.head_channels = head_channels
+        self.head = build_head(task, encoder.config.dim, len(class_names), encoder.config.patch_size, head_channels)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoder.config.modalities)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Logits: ``(B, K)`` for classification, ``(B, K, H, W)`` for segmentation."""
+        enc = self.encoder.encode(inputs)
+        return self.head(enc.tokens, enc.modality_ids, enc.grid)
+
+    def forward_with_aux(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits and the encoder's balance loss."""
+        enc = self.encoder.encode(inputs)
+        return self.head(enc.tokens, enc.modality_ids, enc.grid), enc.aux_loss
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def strip_decoder(model: MapexModel) -> MapexModel:
+    """An encoder-only copy of ``model`` (same weights, no MAE decoder)."""
+    enc = MapexModel(model.config, with_decoder=False)
+    state = {k: v for k, v in model.state_dict().items() if k in enc.state_dict()}
+    enc.load_state_dict(state)
+    return enc.to(next(model.parameters()).device)
+
+
+def save_task_model(model: TaskModel, directory: str | Path) -> Path:
+    """Write ``config.json``, ``task.json`` and ``model.safetensors`` (atomically, each)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "mapex": "task"})
+    os.replace(tmp, out / "model.safetensors")
+    task = {"task": model.task, "class_names": model.class_names, "head_channels": model.head_channels,
+            **model.info}
+    for name, text in (("config.json", model.encoder.config.to_json()), ("task.json", json.dumps(task, indent=2))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out / name)
+    return out
+
+
+def load_task_model(directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
+    """Load a task model saved by :func:`save_task_model`.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: corrupt or inconsistent files (names the file).
+    """
+    d = Path(directory)
+    for name in ("config.json", "task.json", "model.safetensors"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} not found: a fine-tuned MAPEX model directory holds "
+                                    "config.json, task.json and model.safetensors")
+    try:
+        config = MapexConfig.from_json(d / "config.json")
+        task = json.loads((d / "task.json").read_text())
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{d}: invalid config.json or task.json: {exc}") from exc
+    info = {k: v for k, v in task.items() if k not in ("task", "class_names", "head_channels")}
+    model = TaskModel(MapexModel(config, with_decoder=False), task["task"], task["class_names"], info,
+                      task.get("head_channels", 64))
+    try:
+        state = load_file(str(d / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{d / 'model.safetensors'} is not a readable safetensors file: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d / 'model.safetensors'} does not match config.json/task.json: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model.to(device)

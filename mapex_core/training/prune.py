@@ -1,0 +1,66 @@
+"""`prune_app`: calibrate a pre-trained model on an application's chips and write the pruned model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mapex_core.apps import Application, check_compatible
+from mapex_core.data.chips import ChipStore, PresenceBatchSampler, collate
+from mapex_core.model import load_model, save_model
+from mapex_core.pruning import (
+    calibrate,
+    max_encoder_deviation,
+    origin_of,
+    prune_model,
+    prune_report,
+    select_experts,
+)
+from mapex_core.training.pretrain import resolve_device
+
+
+def calibration_batches(app: Application, chips: str | Path, normalization: dict[str, Any] | None,
+                        model_modalities: list[str], batch_size: int, max_batches: int) -> list[dict]:
+    """Batches of the app's modalities from the train and val chips of ``chips`` (labels unused)."""
+    probe = ChipStore.open(chips, in_memory=False)
+    check_compatible(app, model_modalities, probe.stored_modalities, where=str(chips))
+    store = ChipStore.open(chips, modalities=app.modalities, split=["train", "val"], normalization=normalization)
+    if len(store) == 0:
+        raise ValueError(f"{chips}: no train/val chips with modalities {app.modalities} to calibrate on")
+    batches = PresenceBatchSampler(store, batch_size, seed=0, drop_last=False).batches(0)[:max_batches]
+    return [collate([store[i] for i in idx]) for idx in batches]
+
+
+def prune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: str | Path,
+              device: str = "auto") -> dict[str, Any]:
+    """Prune the pre-trained model in ``checkpoint`` for ``app``.
+
+    Writes ``out/config.json``, ``out/model.safetensors`` (a standalone ``MapexModel``) and
+    ``out/prune_report.json``; returns the report.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    full = load_model(checkpoint, device=dev)
+    check_compatible(app, full.config.modalities)
+    p = app.prune
+    batches = calibration_batches(app, chips, full.config.normalization, full.config.modalities,
+                                  p.batch_size, p.calibration_batches)
+    stats = calibrate(full, batches, app.modalities)
+    kept = select_experts(full, stats, app.modalities, p)
+    pruned = prune_model(full, app.modalities, kept, origin={**origin_of(checkpoint, full), "app": app.name})
+    with torch.no_grad():
+        deviation = max_encoder_deviation(full, pruned, batches, app.modalities)
+    report = prune_report(full, pruned, stats, app.modalities, kept, deviation, p)
+    report.update(app=app.name, calibration_chips=sum(len(b["index"]) for b in batches),
+                  seconds=round(time.perf_counter() - t0, 2))
+    out = Path(out)
+    save_model(pruned, out)
+    tmp = out / "prune_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "prune_report.json")
+    return report
