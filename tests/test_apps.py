@@ -186,3 +186,30 @@ def test_cli_contract_prune_finetune_evaluate(pretrained, shared_flood_store, tm
         assert {"value", "ci95", "params", "checkpoint_bytes", "latency_ms"} <= set(report[v])
     res = _mapex("prune", "--app", "nope", "--checkpoint", str(pretrained), "--out", "q", cwd=tmp_path)
     assert res.returncode != 0 and "unknown application 'nope'" in res.stderr
+
+
+def test_multiclass_accuracy_end_to_end(pretrained, ben_store, tmp_path):
+    """Single-label classification: each real BigEarthNet chip labelled with its first 19-class label."""
+    from mapex_core.data.chips import ChipStore, ChipWriter
+    from mapex_core.data.raster import Grid
+
+    src = ChipStore.open(ben_store, normalize=False)
+    meta = src.metadata()
+    first = [int(np.flatnonzero(src.labels[i])[0]) for i in range(len(src))]
+    used = sorted(set(first))
+    out = tmp_path / "mc.zarr"
+    with ChipWriter(out, ["s2", "s1"], 64, class_names=[src.class_names[c] for c in used], label_type="class") as w:
+        for i in range(len(src)):
+            item = src[i]
+            w.add(meta["chip_id"][i], meta["sample"][i], {"s2": item["s2"].numpy(), "s1": item["s1"].numpy()},
+                  Grid(meta["crs"][i], tuple(meta["transform"][i]), (64, 64)), labels=np.array(used.index(first[i])),
+                  split=meta["split"][i])
+    params = {"applications": {"cover-class": {"modalities": ["s2"], "task": "multiclass", "metric": "accuracy",
+                                                "chips": str(out), "finetune": FAST}}}
+    app = get_application("cover-class", params)
+    prune_app(app, pretrained, out, tmp_path / "p")
+    finetune_app(app, tmp_path / "p", out, tmp_path / "f")
+    rep = evaluate_app(app, tmp_path / "f", out)
+    assert rep["metric"] == "accuracy" and rep["test_chips"] == int((meta["split"] == "test").sum())
+    for v in ("pruned", "unpruned", "scratch"):
+        assert rep[v]["value"] in {k / rep["test_chips"] for k in range(rep["test_chips"] + 1)}

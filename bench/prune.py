@@ -1,0 +1,122 @@
+"""Pruned vs unpruned for a single-modality application: size, memory and latency side by side.
+
+A ViT-B-sized MAPEX (dim 768, depth 12, MoE every 2nd block, 4 experts per modality for S1,
+S2 L2A and S2 L1C: about 400 M parameters) is pruned for a Sentinel-1 application with
+routing statistics from the real Sen1Floods11 chip in ../shared/data (coverage 0.99). Then,
+alternating, a fresh process loads each model (encoder only, as deployed) and runs it on S1
+chips at batch 1 and 32; it reports its peak RSS and median latencies. The weights are a random
+initialisation: sizes, memory and latency do not depend on training. Prints a table, then one
+JSON line.
+
+    python bench/prune.py [--dim 768 --depth 12 --experts-per-modality 4] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+CHILD = r"""
+import json, resource, statistics, sys, time
+import torch
+from mapex_core.model import load_model
+from mapex_core.model.heads import strip_decoder
+path, chip = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+enc = strip_decoder(load_model(path)).eval()
+out = {}
+with torch.inference_mode():
+    for b, runs in ((1, 10), (32, 3)):
+        x = {"s1": torch.randn(b, 2, chip, chip)}
+        enc.encode(x)
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter(); enc.encode(x); ts.append((time.perf_counter() - t0) * 1e3)
+        out[f"latency_b{b}_ms"] = statistics.median(ts)
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def run_child(path: Path, chip: int) -> dict[str, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chip)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--experts-per-modality", type=int, default=4)
+    ap.add_argument("--chip", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    from mapex_core.data.chips import ChipStore, PresenceBatchSampler, collate
+    from mapex_core.data.ingest import ingest
+    from mapex_core.model import MapexConfig, MapexModel, save_model
+    from mapex_core.pruning import PruneParams, calibrate, prune_model, prune_report, select_experts
+
+    with tempfile.TemporaryDirectory(prefix="mapex-bench-prune-") as tmp:
+        tmp = Path(tmp)
+        store_path = ingest(SHARED / "sen1floods11_sample", tmp / "flood.zarr", reports_dir=tmp / "r",
+                            chip_size=args.chip)["out"]
+        torch.manual_seed(0)
+        cfg = MapexConfig(modalities=["s1", "s2", "s2l1c"], img_size=args.chip, dim=args.dim, depth=args.depth,
+                          heads=args.heads, moe_every=2, experts_per_modality=args.experts_per_modality, top_k=2)
+        full = MapexModel(cfg).eval()
+        store = ChipStore.open(store_path, modalities=["s1"])
+        batches = [collate([store[i] for i in idx]) for idx in PresenceBatchSampler(store, 16, drop_last=False).batches(0)]
+        stats = calibrate(full, batches, ["s1"])
+        kept = select_experts(full, stats, ["s1"], PruneParams(coverage=0.99))
+        pruned = prune_model(full, ["s1"], kept)
+        report = prune_report(full, pruned, stats, ["s1"], kept, 0.0, PruneParams())
+        save_model(full, tmp / "full")
+        save_model(pruned, tmp / "pruned")
+        n_full, n_pruned = full.num_parameters(), pruned.num_parameters()
+        del full, pruned
+        runs: dict[str, list[dict[str, float]]] = {"full": [], "pruned": []}
+        for _ in range(args.repeats):
+            for name in ("full", "pruned"):
+                runs[name].append(run_child(tmp / name, args.chip))
+        bytes_ = {n: (tmp / n / "model.safetensors").stat().st_size for n in ("full", "pruned")}
+
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    result = {
+        "params_full": n_full, "params_pruned": n_pruned, "params_ratio": round(n_pruned / n_full, 3),
+        "bytes_full": bytes_["full"], "bytes_pruned": bytes_["pruned"],
+        "bytes_ratio": round(bytes_["pruned"] / bytes_["full"], 3),
+        "rss_full_mb": round(med["full"]["peak_rss_mb"], 1), "rss_pruned_mb": round(med["pruned"]["peak_rss_mb"], 1),
+        "rss_ratio": round(med["pruned"]["peak_rss_mb"] / med["full"]["peak_rss_mb"], 3),
+        "latency_b1_ratio": round(med["pruned"]["latency_b1_ms"] / med["full"]["latency_b1_ms"], 3),
+        "latency_b32_ratio": round(med["pruned"]["latency_b32_ms"] / med["full"]["latency_b32_ms"], 3),
+        "kept_experts": report["kept_experts"],
+    }
+    print(f"MAPEX dim {args.dim} depth {args.depth}, {cfg.num_experts} experts per MoE layer, pruned for S1 "
+          f"(coverage 0.99); medians of {args.repeats} fresh processes each")
+    print(f"{'':14s} {'unpruned':>12s} {'pruned':>12s} {'ratio':>7s}")
+    print(f"{'parameters':14s} {n_full:12d} {n_pruned:12d} {result['params_ratio']:7.3f}")
+    print(f"{'checkpoint B':14s} {bytes_['full']:12d} {bytes_['pruned']:12d} {result['bytes_ratio']:7.3f}")
+    print(f"{'peak RSS MB':14s} {med['full']['peak_rss_mb']:12.0f} {med['pruned']['peak_rss_mb']:12.0f} {result['rss_ratio']:7.3f}")
+    for b in (1, 32):
+        k = f"latency_b{b}_ms"
+        print(f"{'latency b' + str(b) + ' ms':14s} {med['full'][k]:12.1f} {med['pruned'][k]:12.1f} "
+              f"{result[f'latency_b{b}_ratio']:7.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
