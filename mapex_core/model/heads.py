@@ -2,7 +2,9 @@
 
 * ``multilabel`` / ``multiclass``: mean-pooled encoder tokens -> LayerNorm -> Linear.
 * ``segmentation``: tokens averaged over the present modalities per patch -> a light decoder
-  (1x1 conv, then ``log2(patch)`` x [upsample x2, 3x3 conv, GELU]) -> per-pixel logits.
+  (1x1 conv, then ``log2(patch)`` x [upsample x2, 3x3 conv, GELU]), fused at full resolution
+  with a 3x3 conv of the input pixels (a skip connection: the encoder sees 8x8 patches, while
+  water edges and field boundaries are pixel-level) -> per-pixel logits.
 
 A task model saves as ``config.json`` (the encoder's ``MapexConfig``), ``task.json`` (task,
 classes, head, metric, lineage) and ``model.safetensors`` (``encoder.*`` and ``head.*``); the
@@ -37,23 +39,27 @@ class ClassificationHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
 
-    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int], pixels: Tensor) -> Tensor:
         return self.fc(self.norm(tokens.mean(dim=1)))  # (B, K)
 
 
 class SegmentationHead(nn.Module):
     """Token grid -> per-pixel logits ``(B, K, H, W)`` by x2 upsampling stages."""
 
-    def __init__(self, dim: int, num_classes: int, patch_size: int, channels: int = 64) -> None:
+    def __init__(self, dim: int, num_classes: int, patch_size: int, channels: int = 64,
+                 pixel_channels: int = 0) -> None:
         super().__init__()
         stages = int(round(math.log2(patch_size)))
         if 2**stages != patch_size:
             raise ValueError(f"segmentation head needs a power-of-two patch size, got {patch_size}")
         self.proj = nn.Conv2d(dim, channels, kernel_size=1)
         self.up = nn.ModuleList(nn.Conv2d(channels, channels, kernel_size=3, padding=1) for _ in range(stages))
+        skip = max(8, channels // 4)  # a few full-resolution features from the raw bands
+        self.skip = nn.Conv2d(pixel_channels, skip, kernel_size=3, padding=1) if pixel_channels else None
+        self.fuse = nn.Conv2d(channels + skip, channels, kernel_size=3, padding=1) if pixel_channels else None
         self.out = nn.Conv2d(channels, num_classes, kernel_size=1)
 
-    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(self, tokens: Tensor, modality_ids: Tensor, grid: tuple[int, int], pixels: Tensor) -> Tensor:
         b, t, d = tokens.shape
         h, w = grid
         m = t // (h * w)
@@ -62,13 +68,16 @@ class SegmentationHead(nn.Module):
         x = self.proj(x)  # (B, C, h, w)
         for conv in self.up:
             x = F.gelu(conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)))
+        if self.skip is not None and self.fuse is not None:  # (B, C, H, W) + pixels (B, C_in, H, W)
+            x = F.gelu(self.fuse(torch.cat([x, F.gelu(self.skip(pixels))], dim=1)))
         return self.out(x)  # (B, K, H, W)
 
 
-def build_head(task: str, dim: int, num_classes: int, patch_size: int, channels: int = 64) -> nn.Module:
+def build_head(task: str, dim: int, num_classes: int, patch_size: int, channels: int = 64,
+               pixel_channels: int = 0) -> nn.Module:
     """The head for ``task``."""
     if task == "segmentation":
-        return SegmentationHead(dim, num_classes, patch_size, channels)
+        return SegmentationHead(dim, num_classes, patch_size, channels, pixel_channels)
     if task in ("multilabel", "multiclass"):
         return ClassificationHead(dim, num_classes)
     raise ValueError(f"unknown task {task!r}; known: {TASKS}")
@@ -82,31 +91,44 @@ class TaskModel(nn.Module):
         task: ``multilabel``, ``multiclass`` or ``segmentation``.
         class_names: the classes, in logit order.
         info: free-form task metadata saved in ``task.json`` (metric, app, lineage...).
+        input_modalities: the modalities the application feeds (default: all of the
+            encoder's); the segmentation head's pixel skip takes their bands, so all of them
+            must be present at inference.
     """
 
     def __init__(self, encoder: MapexModel, task: str, class_names: list[str],
-                 info: dict[str, Any] | None = None, head_channels: int = 64) -> None:
+                 info: dict[str, Any] | None = None, head_channels: int = 64,
+                 input_modalities: list[str] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.task = task
         self.class_names = list(class_names)
         self.info = dict(info or {})
         self.head_channels = head_channels
-        self.head = build_head(task, encoder.config.dim, len(class_names), encoder.config.patch_size, head_channels)
+        cfg = encoder.config
+        self.input_modalities = [m for m in cfg.modalities if m in (input_modalities or cfg.modalities)]
+        pixels = sum(cfg.in_chans[m] for m in self.input_modalities) if task == "segmentation" else 0
+        self.head = build_head(task, cfg.dim, len(class_names), cfg.patch_size, head_channels, pixels)
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.encoder.config.modalities)
+        """The modalities this task model is fed."""
+        return list(self.input_modalities)
+
+    def _pixels(self, inputs: dict[str, Tensor]) -> Tensor:
+        missing = [m for m in self.input_modalities if m not in inputs]
+        if missing and self.task == "segmentation":
+            raise ValueError(f"this model needs modalities {self.input_modalities}; missing {missing}")
+        return torch.cat([inputs[m] for m in self.input_modalities if m in inputs], dim=1)  # (B, C_in, H, W)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """Logits: ``(B, K)`` for classification, ``(B, K, H, W)`` for segmentation."""
-        enc = self.encoder.encode(inputs)
-        return self.head(enc.tokens, enc.modality_ids, enc.grid)
+        return self.forward_with_aux(inputs)[0]
 
     def forward_with_aux(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Logits and the encoder's balance loss."""
         enc = self.encoder.encode(inputs)
-        return self.head(enc.tokens, enc.modality_ids, enc.grid), enc.aux_loss
+        return self.head(enc.tokens, enc.modality_ids, enc.grid, self._pixels(inputs)), enc.aux_loss
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -129,7 +151,7 @@ def save_task_model(model: TaskModel, directory: str | Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt", "mapex": "task"})
     os.replace(tmp, out / "model.safetensors")
     task = {"task": model.task, "class_names": model.class_names, "head_channels": model.head_channels,
-            **model.info}
+            "input_modalities": model.input_modalities, **model.info}
     for name, text in (("config.json", model.encoder.config.to_json()), ("task.json", json.dumps(task, indent=2))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text + "\n")
@@ -154,9 +176,9 @@ def load_task_model(directory: str | Path, device: str | torch.device = "cpu") -
         task = json.loads((d / "task.json").read_text())
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{d}: invalid config.json or task.json: {exc}") from exc
-    info = {k: v for k, v in task.items() if k not in ("task", "class_names", "head_channels")}
+    info = {k: v for k, v in task.items() if k not in ("task", "class_names", "head_channels", "input_modalities")}
     model = TaskModel(MapexModel(config, with_decoder=False), task["task"], task["class_names"], info,
-                      task.get("head_channels", 64))
+                      task.get("head_channels", 64), task.get("input_modalities"))
     try:
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as exc:

@@ -190,8 +190,8 @@ def checkpoint_bytes(model: TaskModel) -> int:
 
 def _task_model(encoder: MapexModel, app: Application, class_names: list[str], info: dict[str, Any]) -> TaskModel:
     return TaskModel(strip_decoder(encoder) if encoder.with_decoder else encoder, app.task, class_names,
-                     info={"app": app.name, "metric": app.metric, "modalities": app.modalities, **info},
-                     head_channels=app.finetune.head_channels)
+                     info={"app": app.name, "metric": app.metric, **info},
+                     head_channels=app.finetune.head_channels, input_modalities=app.modalities)
 
 
 def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: str | Path,
@@ -234,7 +234,8 @@ def _variant_report(model: TaskModel, app: Application, outputs: list[np.ndarray
     rep = summarize(app.metric, model.class_names, outputs, targets, app.finetune.bootstrap)
     rep.update(params=model.num_parameters(), checkpoint_bytes=checkpoint_bytes(model),
                latency_ms=latency_ms(model, test, app.finetune.latency_runs, dev),
-               input_modalities=app.modalities, model_modalities=model.modalities, training=histories)
+               input_modalities=model.modalities, model_modalities=model.encoder.config.modalities,
+               training=histories)
     return rep
 
 
