@@ -114,20 +114,35 @@ def _build(name: str, raw: dict[str, Any], source: str) -> Application:
         data["finetune"] = FinetuneParams(**(data.get("finetune") or {}))
         data["prune"] = PruneParams(**(data.get("prune") or {}))
         data["gate"] = GateParams(**(data.get("gate") or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: application {name!r}: {exc}") from exc
     data["modalities"] = list(mods)
     return Application(**data)
 
 
 def load_applications(params: str | Path | dict[str, Any] | None = "params.yaml") -> dict[str, Application]:
-    """All applications of a params file (or an already loaded params dict)."""
+    """All applications of a params file (or an already loaded params dict).
+
+    Applications come from its ``applications:`` section and, when a file
+    ``applications.yaml`` (a mapping name -> settings) sits next to the params file, from that
+    file too; a name defined in both is an error.
+    """
     source = "params" if isinstance(params, dict) else str(params)
     data = params if isinstance(params, dict) else load_params(params)
-    apps = data.get("applications") or {}
-    if not isinstance(apps, dict):
+    apps = dict(data.get("applications") or {})
+    if not isinstance(data.get("applications") or {}, dict):
         raise ValueError(f"{source}: 'applications' must be a mapping name -> settings")
-    return {name: _build(name, raw, source) for name, raw in apps.items()}
+    out = {name: _build(name, raw, source) for name, raw in apps.items()}
+    if not isinstance(params, dict) and params is not None:
+        extra = Path(params).with_name("applications.yaml")
+        if extra.is_file():
+            more = load_params(extra)
+            more = more.get("applications", more) if isinstance(more.get("applications"), dict) else more
+            for name, raw in more.items():
+                if name in out:
+                    raise ValueError(f"{extra}: application {name!r} is also defined in {source}")
+                out[name] = _build(name, raw, str(extra))
+    return out
 
 
 def get_application(name_or_path: str, params: str | Path | dict[str, Any] | None = "params.yaml") -> Application:
@@ -156,7 +171,8 @@ def get_application(name_or_path: str, params: str | Path | dict[str, Any] | Non
 
 
 def check_compatible(app: Application, model_modalities: list[str], store_modalities: list[str] | None = None,
-                     store_label_type: str | None = None, where: str = "") -> None:
+                     store_label_type: str | None = None, where: str = "",
+                     class_names: list[str] | None = None) -> None:
     """Raise ``ValueError`` when the model or the chip store cannot serve ``app`` (lists what exists)."""
     lacking = [m for m in app.modalities if m not in model_modalities]
     if lacking:
@@ -170,3 +186,6 @@ def check_compatible(app: Application, model_modalities: list[str], store_modali
     if store_label_type is not None and store_label_type != app.label_type:
         raise ValueError(f"{where}: application {app.name!r} ({app.task}) needs {app.label_type} labels, "
                          f"but the chip store has {store_label_type!r} labels")
+    if class_names is not None and app.metric == "iou_water" and "water" not in class_names:
+        raise ValueError(f"{where}: application {app.name!r} uses metric iou_water, but the chip store has no "
+                         f"class named 'water'; classes: {class_names}")

@@ -31,7 +31,7 @@ FAST = {"steps": 8, "batch_size": 8, "eval_every": 4, "patience": 2, "bootstrap"
 def pretrained(ben_store, shared_flood_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pre") / "pretrain"
     pretrain([ben_store, shared_flood_store], out, MapexConfig(**TINY),
-             PretrainParams(steps=6, batch_size=8, log_every=3, ckpt_every=6, splits=("train", "val", "test"),
+             PretrainParams(steps=6, batch_size=8, log_every=3, ckpt_every=6, splits=("train",),
                             stats_batches=2), device="cpu")
     return out
 
@@ -142,6 +142,11 @@ def test_landcover_multilabel_with_label_fraction_and_linear_probe(pretrained, b
     assert all(torch.equal(before[k], after[k]) for k in after)  # linear probe: encoder frozen
     rep = evaluate_app(app, tmp_path / "ft", ben_store)
     assert rep["metric"] == "map_macro" and {"map_macro", "f1_macro"} <= set(rep["pruned"])
+    assert rep["pruned_checkpoint_reused"] and rep["pruned"]["bootstrap_units"] == 2  # 2 test patches
+    # a checkpoint fine-tuned with another budget is not compared as is: it is fine-tuned again
+    params["applications"]["landcover-s2"]["finetune"] = {**FAST, "mode": "linear", "label_fraction": 0.5, "lr": 1e-3}
+    other = evaluate_app(get_application("landcover-s2", params), tmp_path / "ft", ben_store)
+    assert not other["pruned_checkpoint_reused"] and other["pruned_retrained_because"] == ["fine-tuning budget"]
     assert all(0.0 <= rep[v]["value"] <= 1.0 for v in ("pruned", "unpruned", "scratch"))
 
 
@@ -157,6 +162,13 @@ def test_metrics_on_known_values():
     targets = np.array([[1, 0], [0, 1], [1, 1]])
     ml = summarize("map_macro", ["a", "b"], [scores], targets, n_boot=20)
     assert ml["value"] == pytest.approx(1.0) and ml["f1_macro"] == pytest.approx(1.0)
+    # a class absent from targets and predictions does not count as F1 = 0
+    three = summarize("f1_macro", ["a", "b", "c"], [np.c_[scores, np.zeros(3)]], np.c_[targets, np.zeros(3, int)],
+                      n_boot=0)
+    assert three["value"] == pytest.approx(1.0)
+    # bootstrap over groups: two groups of chips -> resamples of whole groups
+    grouped = summarize("map_macro", ["a", "b"], [scores], targets, n_boot=50, groups=np.array(["p", "p", "q"]))
+    assert grouped["bootstrap_units"] == 2
 
 
 def _mapex(*args, cwd):
@@ -213,3 +225,15 @@ def test_multiclass_accuracy_end_to_end(pretrained, ben_store, tmp_path):
     assert rep["metric"] == "accuracy" and rep["test_chips"] == int((meta["split"] == "test").sum())
     for v in ("pruned", "unpruned", "scratch"):
         assert rep[v]["value"] in {k / rep["test_chips"] for k in range(rep["test_chips"] + 1)}
+
+
+def test_applications_yaml_next_to_params_adds_apps(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"applications": {
+        "a1": {"modalities": ["s1"], "task": "segmentation", "metric": "miou"}}}))
+    (tmp_path / "applications.yaml").write_text(yaml.safe_dump({
+        "a2": {"modalities": ["s2"], "task": "multilabel", "metric": "f1_macro"}}))
+    assert sorted(load_applications(tmp_path / "params.yaml")) == ["a1", "a2"]
+    (tmp_path / "applications.yaml").write_text(yaml.safe_dump({
+        "a1": {"modalities": ["s2"], "task": "multilabel", "metric": "f1_macro"}}))
+    with pytest.raises(ValueError, match="application 'a1' is also defined in"):
+        load_applications(tmp_path / "params.yaml")

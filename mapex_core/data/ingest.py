@@ -42,6 +42,14 @@ class DataParams:
     resolution: float | None = None
     split_block: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("chip_size", "stride", "split_block"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"data.{name} must be a positive number of pixels, got {value!r}")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"data.resolution must be positive, got {self.resolution!r}")
+
 
 def _label_setup(scenes: list[SceneSpec]) -> tuple[list[str] | None, str]:
     labelled = [s for s in scenes if s.labels is not None]
@@ -97,9 +105,7 @@ def ingest(
     """
     t0 = time.perf_counter()
     p = params or DataParams()
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(p, key, value)
+    p = DataParams(**{**p.__dict__, **{k: v for k, v in overrides.items() if v is not None}})  # re-validated
     out = Path(out)
     layout, scenes = find_scenes(source, layout, labels=Path(labels) if labels else None,
                                  label_attribute=label_attribute, classes=classes)

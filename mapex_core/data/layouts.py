@@ -147,6 +147,24 @@ def folder_scenes(root: Path, labels: Path | None = None, label_attribute: str |
 
 
 # ----- STAC -------------------------------------------------------------------------------
+def _check_stac_json(path: Path, seen: set[Path] | None = None) -> None:
+    """Parse a STAC file and every child/item it links to, naming the first unreadable file."""
+    seen = seen if seen is not None else set()
+    path = path.resolve()
+    if path in seen:
+        return
+    seen.add(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LayoutError(f"{path}: STAC file not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LayoutError(f"{path}: not valid STAC JSON: {exc}") from exc
+    for link in doc.get("links", []) if isinstance(doc, dict) else []:
+        if link.get("rel") in ("child", "item") and "://" not in str(link.get("href", "")):
+            _check_stac_json((path.parent / link["href"]), seen)
+
+
 def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: str | None = None,
                 **_: object) -> list[SceneSpec]:
     """Items of a local STAC catalog; asset keys name a modality or a band, ``labels`` the labels."""
@@ -154,8 +172,8 @@ def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: s
     from pystac.errors import STACError
 
     catalog_path = root / "catalog.json" if root.is_dir() else root
+    _check_stac_json(catalog_path)
     try:
-        json.loads(catalog_path.read_text())
         catalog = pystac.Catalog.from_file(str(catalog_path))
         items = sorted(catalog.get_items(recursive=True), key=lambda i: i.id)
     except (OSError, json.JSONDecodeError, STACError, KeyError, TypeError) as exc:

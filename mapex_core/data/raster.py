@@ -129,11 +129,20 @@ def reference_grid(grids: list[Grid], crs: str | None = None, resolution: float 
 
 
 def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
-                   resampling: Resampling = Resampling.bilinear) -> np.ndarray:
-    """Values of ``da`` on ``grid`` as ``(bands, H, W) float32`` (NaN where there is no data)."""
+                   resampling: Resampling = Resampling.bilinear, nodata: float | None = None) -> np.ndarray:
+    """Values of ``da`` on ``grid`` as ``(bands, H, W) float32`` (NaN where there is no data).
+
+    Args:
+        nodata: a value to treat as missing besides the file's declared nodata (the sensor's
+            nodata value, for files that do not declare one). It becomes NaN *before*
+            resampling, so it is never blended into valid neighbours.
+    """
+    values = read_values(da, path)
+    if nodata is not None and not np.isnan(nodata):
+        values[values == nodata] = np.nan
     if grid_of(da) == grid:
-        return read_values(da, path)
-    src = da.copy(data=read_values(da, path)).rio.write_nodata(np.nan, encoded=False)
+        return values
+    src = da.copy(data=values).rio.write_nodata(np.nan, encoded=False)
     out = src.rio.reproject_match(grid.template(), resampling=resampling, nodata=np.nan)
     return np.asarray(out.values, dtype=np.float32)
 

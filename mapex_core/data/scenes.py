@@ -6,14 +6,14 @@ them as :class:`SceneSpec`; :func:`load_scene` does the reading for all of them:
 1. open every modality's files lazily (one multi-band file, or one file per band);
 2. pick the reference grid: the finest modality's grid, or a user CRS + resolution;
 3. reproject every band onto it (``reproject_match``; bilinear for continuous bands);
-4. turn nodata (declared, or the sensor's nodata value) into NaN, the per-pixel valid mask;
+4. turn nodata (declared, or the sensor's nodata value, masked before resampling) into NaN,
+   the per-pixel valid mask;
 5. put the labels on the same grid: nearest for raster masks, rasterised vector polygons,
    or multi-label names.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,14 +79,6 @@ class SceneSpec:
         return out
 
 
-def _mask_nodata(arr: np.ndarray, modality: str) -> np.ndarray:
-    """Apply the sensor's nodata value (for files that do not declare one)."""
-    nodata = get_modality(modality).nodata
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-        arr[arr == nodata] = np.nan
-    return arr
-
-
 def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None = None) -> Sample:
     """Read and co-register one scene.
 
@@ -115,8 +107,9 @@ def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None
     arrays: dict[str, np.ndarray] = {}
     for m, das in opened.items():
         files = spec.sources[m].files
-        parts = [reproject_onto(d, grid, f, Resampling.bilinear) for d, f in zip(das, files, strict=True)]
-        arr = _mask_nodata(np.concatenate(parts, axis=0), m)  # (C, H, W)
+        nodata = get_modality(m).nodata
+        parts = [reproject_onto(d, grid, f, Resampling.bilinear, nodata=nodata) for d, f in zip(das, files, strict=True)]
+        arr = np.concatenate(parts, axis=0)  # (C, H, W), nodata as NaN
         if np.isnan(arr).all():
             names = ", ".join(str(f) for f in files)
             raise RasterError(f"{names}: modality {m!r} of scene {spec.name} has no valid pixel (all nodata/NaN)")

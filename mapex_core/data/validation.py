@@ -1,8 +1,8 @@
 """Great Expectations validation of the per-chip metadata table.
 
 The suite checks, per chip: band value ranges per sensor (each band's min and max inside the
-sensor's valid range), nodata fraction, CRS and transform present, chip shape, label validity,
-and no duplicate chips (ids or content). It runs as a GX checkpoint whose action writes the Data
+sensor's valid range), nodata fraction, no band without a valid pixel, CRS and transform
+present, chip shape, label validity, and no duplicate chips (ids or content). It runs as a GX checkpoint whose action writes the Data
 Docs HTML; chips that fail any expectation form the quarantine list (chip id -> failed
 expectations). The run fails when the failed share exceeds ``max_failed_share``.
 
@@ -79,6 +79,8 @@ def _prepare(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     for m in modalities:
         absent = ~df[f"present_{m}"].astype(bool)
         cols = [c for c in df.columns if c.startswith(f"{m}_") and c.endswith(("_min", "_max"))]
+        mins = [f"{m}_{b}_min" for b in get_modality(m).band_names]
+        df[f"empty_bands_{m}"] = np.where(absent, 0, df[mins].isna().sum(axis=1))  # all-NaN bands
         df.loc[absent, cols + [f"nodata_frac_{m}"]] = np.nan
     df["crs"] = df["crs"].map(lambda v: v if isinstance(v, str) and v else None)
     df["transform_ok"] = [
@@ -106,6 +108,7 @@ def build_expectations(modalities: list[str], chip_size: int, label_type: str, n
         spec = get_modality(m)
         lo, hi = spec.valid_range
         exp.append(gxe.ExpectColumnValuesToBeBetween(column=f"nodata_frac_{m}", min_value=0.0, max_value=max_nodata))
+        exp.append(gxe.ExpectColumnValuesToBeBetween(column=f"empty_bands_{m}", min_value=0, max_value=0))
         for band in spec.band_names:
             exp.append(gxe.ExpectColumnValuesToBeBetween(column=f"{m}_{band}_min", min_value=lo, max_value=hi))
             exp.append(gxe.ExpectColumnValuesToBeBetween(column=f"{m}_{band}_max", min_value=lo, max_value=hi))

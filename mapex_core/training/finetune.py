@@ -41,8 +41,21 @@ def open_app_store(app: Application, chips: str | Path, split: str, model_modali
         ValueError: the store lacks the app's modalities or the task's labels (lists what exists).
     """
     probe = ChipStore.open(chips, in_memory=False)
-    check_compatible(app, model_modalities, probe.stored_modalities, probe.label_type, where=str(chips))
-    return ChipStore.open(chips, modalities=app.modalities, split=split, normalization=normalization)
+    check_compatible(app, model_modalities, probe.stored_modalities, probe.label_type, where=str(chips),
+                     class_names=probe.class_names)
+    # segmentation heads fuse every input modality's pixels: all of them must be present
+    return ChipStore.open(chips, modalities=app.modalities, split=split, normalization=normalization,
+                          require_all=app.task == "segmentation")
+
+
+def bootstrap_groups(store: ChipStore) -> np.ndarray:
+    """Independent units for the bootstrap: the source sample, or its split block."""
+    meta = store.metadata()
+    block = int(store.ds.attrs.get("split_block") or 0)
+    if block:
+        return np.array([f"{s}/{r // block}_{c // block}" for s, r, c in zip(meta["sample"], meta["row"], meta["col"],
+                                                                             strict=True)])
+    return meta["sample"].to_numpy()
 
 
 def _batches(store: ChipStore, indices: list[int], batch_size: int, gen: torch.Generator | None) -> list[list[int]]:
@@ -142,7 +155,9 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
             n_run += 1
             step += 1
             if step % p.eval_every == 0 or step == p.steps:
-                score = validation_score(model, val, metric, p.batch_size, device) if val is not None and len(val) else -running
+                has_val = val is not None and len(val) > 0
+                # without validation chips there is no early stopping: the last state is kept
+                score = validation_score(model, val, metric, p.batch_size, device) if has_val else float(step)
                 history["steps"].append(step)
                 history["train_loss"].append(running / n_run)
                 history["val"].append(score)
@@ -157,9 +172,16 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    history.update(best_step=best_step, best_val=best if val is not None and len(val) else None,
+    has_val = val is not None and len(val) > 0
+    history.update(best_step=best_step, best_val=best if has_val else None, early_stopping=has_val,
                    stopped_at=history["steps"][-1] if history["steps"] else step)
     return history
+
+
+def pruned_model_history(finetuned: str | Path) -> dict[str, Any]:
+    """The training history saved next to a fine-tuned model (empty when absent)."""
+    path = Path(finetuned) / "finetune.json"
+    return json.loads(path.read_text()).get("history", {}) if path.is_file() else {}
 
 
 def latency_ms(model: TaskModel, store: ChipStore, runs: int, device: torch.device) -> float:
@@ -214,6 +236,8 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
         "pretrained_dir": origin.get("pruned_from"),
         "seed": seed,
         "finetune": app.finetune.__dict__,
+        "chips": str(Path(chips).resolve()),
+        "chips_fingerprint": ChipStore.open(chips, in_memory=False).fingerprint(),
     })
     pruned = encoder.config.kept_experts is not None
     t0 = time.perf_counter()
@@ -231,7 +255,8 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
 
 def _variant_report(model: TaskModel, app: Application, outputs: list[np.ndarray], targets: np.ndarray,
                     test: ChipStore, dev: torch.device, histories: list[dict[str, Any]]) -> dict[str, Any]:
-    rep = summarize(app.metric, model.class_names, outputs, targets, app.finetune.bootstrap)
+    rep = summarize(app.metric, model.class_names, outputs, targets, app.finetune.bootstrap,
+                    groups=bootstrap_groups(test))
     rep.update(params=model.num_parameters(), checkpoint_bytes=checkpoint_bytes(model),
                latency_ms=latency_ms(model, test, app.finetune.latency_runs, dev),
                input_modalities=model.modalities, model_modalities=model.encoder.config.modalities,
@@ -285,11 +310,24 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
             outputs.append(o)
         return model, outputs, targets, hists
 
-    # pruned: the given fine-tuned model for its own seed, re-trained from the pruned dir for others
+    # pruned: the given fine-tuned model is used for its own seed only if it was trained on this
+    # store (same chips, splits and labels), with this budget and these classes; otherwise (and
+    # for the other seeds) the pruned model is fine-tuned here like the other variants
+    mismatch = [what for what, ok in (
+        ("chip store", info.get("chips_fingerprint") == ChipStore.open(chips, in_memory=False).fingerprint()),
+        ("fine-tuning budget", info.get("finetune") == app.finetune.__dict__),
+        ("classes", classes == (test.class_names or [])),
+    ) if not ok]
+    if mismatch and pruned_dir is None:
+        raise ValueError(f"{finetuned} was fine-tuned with a different {', '.join(mismatch)} and records no "
+                         "pruned model to fine-tune again")
+    report["pruned_checkpoint_reused"] = not mismatch
+    report["pruned_retrained_because"] = mismatch
+    classes = test.class_names or classes
     outputs, targets = [], None
-    hists = []
+    hists = [] if mismatch else [pruned_model_history(finetuned)]
     for s in seeds:
-        if s == info.get("seed") or pruned_dir is None:
+        if s == info.get("seed") and not mismatch:
             m = pruned_model
         else:
             m = _task_model(load_model(pruned_dir, device=dev), app, classes, {})

@@ -10,7 +10,8 @@ metric         task            definition
 ``iou_water``  segmentation    IoU of the class named ``water``
 =============  ==============  ================================================================
 
-Bootstrap intervals resample chips (the unit of independence here) with replacement.
+Bootstrap intervals resample groups of chips (source patches or split blocks: overlapping and
+neighbouring chips are not independent) with replacement.
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def _map_macro(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def _f1_macro(scores: np.ndarray, targets: np.ndarray) -> float:
-    return float(f1_score(targets, (scores >= 0.5).astype(int), average="macro", zero_division=0))
+    """Macro F1 over the classes that are present or predicted (absent-and-unpredicted classes
+    would count as 0 and drag the mean, unlike ``map_macro`` which skips them too)."""
+    pred = (scores >= 0.5).astype(int)
+    labels = np.flatnonzero(targets.any(0) | pred.any(0))
+    if labels.size == 0:
+        return float("nan")
+    return float(f1_score(targets, pred, labels=labels, average="macro", zero_division=0))
 
 
 def metric_fn(metric: str, class_names: list[str]) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -84,17 +91,22 @@ def metric_fn(metric: str, class_names: list[str]) -> Callable[[np.ndarray, np.n
 
 
 def bootstrap_ci(fn: Callable[[np.ndarray, np.ndarray], float], outputs: list[np.ndarray],
-                 targets: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
+                 targets: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 groups: np.ndarray | None = None) -> tuple[float, list[float]]:
     """Metric averaged over seeds (one ``outputs`` array per seed) and its bootstrap 95% interval.
 
-    Each resample draws chips with replacement and averages the metric over the seeds.
+    Each resample draws *groups* of chips with replacement (``groups``: one id per chip, e.g.
+    the source patch or split block, since overlapping or neighbouring chips are not
+    independent; default: every chip its own group) and averages the metric over the seeds.
     """
     value = float(np.mean([fn(o, targets) for o in outputs]))
     rng = np.random.default_rng(seed)
-    n = len(targets)
+    ids = np.asarray(groups) if groups is not None else np.arange(len(targets))
+    uniq = np.unique(ids)
+    members = [np.flatnonzero(ids == g) for g in uniq]
     draws = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        idx = np.concatenate([members[j] for j in rng.integers(0, len(uniq), len(uniq))])
         vals = [fn(o[idx], targets[idx]) for o in outputs]
         if all(np.isfinite(vals)):
             draws.append(float(np.mean(vals)))
@@ -105,11 +117,12 @@ def bootstrap_ci(fn: Callable[[np.ndarray, np.ndarray], float], outputs: list[np
 
 
 def summarize(metric: str, class_names: list[str], outputs: list[np.ndarray], targets: np.ndarray,
-              n_boot: int = 1000) -> dict[str, Any]:
-    """Value, 95% interval and (segmentation) per-class IoU of one variant."""
+              n_boot: int = 1000, groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Value, 95% interval (bootstrap over ``groups``) and (segmentation) per-class IoU."""
     fn = metric_fn(metric, class_names)
-    value, ci = bootstrap_ci(fn, outputs, targets, n_boot)
-    out: dict[str, Any] = {"value": value, "ci95": ci}
+    value, ci = bootstrap_ci(fn, outputs, targets, n_boot, groups=groups)
+    out: dict[str, Any] = {"value": value, "ci95": ci, "bootstrap_units": int(len(np.unique(groups)))
+                           if groups is not None else len(targets)}
     if METRICS[metric] == "segmentation":
         ious = np.nanmean([iou_per_class(o.sum(0)) for o in outputs], axis=0)
         out["per_class_iou"] = {c: (None if np.isnan(v) else float(v)) for c, v in zip(class_names, ious, strict=True)}
