@@ -55,10 +55,11 @@ def plain_read(files: list[Path]) -> int:
 
 
 def peak_rss_mb(src: Path, out: Path) -> float:
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry the forking parent's peak over exec)
     code = (
-        "import resource, sys; from mapex_core.data.ingest import ingest; "
+        "from mapex_core.data.ingest import ingest; "
         f"ingest({str(src)!r}, {str(out)!r}, reports_dir={str(out.parent / 'reports')!r}, chip_size=64); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1]) / 1024

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 CHILD = r"""
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 import torch
 from mapex_core.model import load_model
 from mapex_core.model.heads import strip_decoder
@@ -42,7 +42,9 @@ with torch.inference_mode():
         for _ in range(runs):
             t0 = time.perf_counter(); enc.encode(x); ts.append((time.perf_counter() - t0) * 1e3)
         out[f"latency_b{b}_ms"] = statistics.median(ts)
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process image's peak RSS (ru_maxrss would carry the forking parent's peak over exec)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+out["peak_rss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(out))
 """
 

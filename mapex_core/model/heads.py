@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from mapex_core.model.config import MapexConfig
 from mapex_core.model.mapex import MapexModel
+from mapex_core.model.serialization import assign_weights
 
 TASKS = ("multilabel", "multiclass", "segmentation")
 
@@ -177,14 +178,14 @@ def load_task_model(directory: str | Path, device: str | torch.device = "cpu") -
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{d}: invalid config.json or task.json: {exc}") from exc
     info = {k: v for k, v in task.items() if k not in ("task", "class_names", "head_channels", "input_modalities")}
-    model = TaskModel(MapexModel(config, with_decoder=False), task["task"], task["class_names"], info,
-                      task.get("head_channels", 64), task.get("input_modalities"))
     try:
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{d / 'model.safetensors'} is not a readable safetensors file: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d / 'model.safetensors'} does not match config.json/task.json: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+    def build(cfg: MapexConfig) -> TaskModel:
+        return TaskModel(MapexModel(cfg, with_decoder=False), task["task"], task["class_names"], info,
+                         task.get("head_channels", 64), task.get("input_modalities"))
+
+    model = assign_weights(build, (config,), state, f"{d / 'model.safetensors'} does not match config.json/task.json")
     return model.to(device)

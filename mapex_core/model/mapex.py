@@ -199,6 +199,17 @@ class MapexModel(nn.Module):
             nn.init.normal_(self.decoder_modality_embed, std=0.02)
             nn.init.normal_(self.mask_token, std=0.02)
 
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (each MoE layer's expert owners) from the config.
+
+        Needed after building on the ``meta`` device and loading weights with ``assign=True``.
+        """
+        groups = self.config.expert_groups()
+        for blk in self.blocks:
+            if isinstance(blk.ffn, MoELayer):
+                owners = [groups[e] for e in blk.ffn.original_experts]
+                blk.ffn.expert_group = torch.tensor(owners, dtype=torch.long, device=blk.ffn.w1.device)
+
     # ----- inputs -------------------------------------------------------------------------
     def validate_inputs(self, inputs: dict[str, Tensor]) -> tuple[int, int, int]:
         """Check modality names, band counts and shapes; return ``(B, H, W)``.
