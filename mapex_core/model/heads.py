@@ -136,11 +136,9 @@ class TaskModel(nn.Module):
 
 
 def strip_decoder(model: MapexModel) -> MapexModel:
-    """An encoder-only copy of ``model`` (same weights, no MAE decoder)."""
-    enc = MapexModel(model.config, with_decoder=False)
-    state = {k: v for k, v in model.state_dict().items() if k in enc.state_dict()}
-    enc.load_state_dict(state)
-    return enc.to(next(model.parameters()).device)
+    """``model`` without its MAE decoder, sharing (not copying) the encoder weights."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    return assign_weights(MapexModel, (model.config, False), state, "strip_decoder")
 
 
 def save_task_model(model: TaskModel, directory: str | Path) -> Path:
