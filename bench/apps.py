@@ -71,7 +71,7 @@ def main() -> None:
         }
         r = results[name]
         rows.append(f"| {name} | {app.metric} | {r['test_chips']} | {r['unpruned']['params'] / 1e6:.2f} -> "
-                    f"{r['pruned']['params'] / 1e6:.2f} M ({pr['reduction']:.0%} of the pre-trained model) | "
+                    f"{r['pruned']['params'] / 1e6:.2f} M (pruning: -{pr['reduction']:.0%}) | "
                     + " | ".join(f"{r[v]['value']:.3f} [{r[v]['ci95'][0]:.2f}, {r[v]['ci95'][1]:.2f}]"
                                  for v in ("pruned", "unpruned", "scratch"))
                     + f" | {r['pruned']['latency_ms']:.1f} / {r['unpruned']['latency_ms']:.1f} |")

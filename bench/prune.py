@@ -4,7 +4,9 @@ A ViT-B-sized MAPEX (dim 768, depth 12, MoE every 2nd block, 4 experts per modal
 S2 L2A and S2 L1C: about 400 M parameters) is pruned for a Sentinel-1 application with
 routing statistics from the real Sen1Floods11 chip in ../shared/data (coverage 0.99). Then,
 alternating, a fresh process loads each model (encoder only, as deployed) and runs it on S1
-chips at batch 1 and 32; it reports its peak RSS and median latencies. The weights are a random
+chips at batch 1 and 32; it reports its peak RSS (with every weight page touched, as in a
+server that holds the model; and once more as loaded, where safetensors maps the file and only
+the weights that inference uses become resident) and median latencies. The weights are a random
 initialisation: sizes, memory and latency do not depend on training. Prints a table, then one
 JSON line.
 
@@ -30,12 +32,15 @@ import json, statistics, sys, time
 import torch
 from mapex_core.model import load_model
 from mapex_core.model.heads import strip_decoder
-path, chip = sys.argv[1], int(sys.argv[2])
+path, chip, materialize = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 torch.manual_seed(0)
 enc = strip_decoder(load_model(path)).eval()
 out = {}
+if materialize:  # touch every weight page: safetensors maps the file lazily, so without this
+    with torch.no_grad():  # an expert no token reaches would never become resident
+        out["checksum"] = float(sum(float(p.sum()) for p in enc.parameters()))  # no copies
 with torch.inference_mode():
-    for b, runs in ((1, 10), (32, 3)):
+    for b, runs in ((1, 30), (32, 5)):
         x = {"s1": torch.randn(b, 2, chip, chip)}
         enc.encode(x)
         ts = []
@@ -49,9 +54,9 @@ print(json.dumps(out))
 """
 
 
-def run_child(path: Path, chip: int) -> dict[str, float]:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chip)], capture_output=True, text=True,
-                         check=True)
+def run_child(path: Path, chip: int, materialize: bool) -> dict[str, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chip), "1" if materialize else "0"],
+                         capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -91,9 +96,12 @@ def main() -> None:
         n_full, n_pruned = full.num_parameters(), pruned.num_parameters()
         del full, pruned
         runs: dict[str, list[dict[str, float]]] = {"full": [], "pruned": []}
+        lazy: dict[str, float] = {}
         for _ in range(args.repeats):
             for name in ("full", "pruned"):
-                runs[name].append(run_child(tmp / name, args.chip))
+                runs[name].append(run_child(tmp / name, args.chip, materialize=True))
+        for name in ("full", "pruned"):  # as loaded (weights mapped, resident only when used)
+            lazy[name] = run_child(tmp / name, args.chip, materialize=False)["peak_rss_mb"]
         bytes_ = {n: (tmp / n / "model.safetensors").stat().st_size for n in ("full", "pruned")}
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
@@ -103,6 +111,8 @@ def main() -> None:
         "bytes_ratio": round(bytes_["pruned"] / bytes_["full"], 3),
         "rss_full_mb": round(med["full"]["peak_rss_mb"], 1), "rss_pruned_mb": round(med["pruned"]["peak_rss_mb"], 1),
         "rss_ratio": round(med["pruned"]["peak_rss_mb"] / med["full"]["peak_rss_mb"], 3),
+        "rss_lazy_full_mb": round(lazy["full"], 1), "rss_lazy_pruned_mb": round(lazy["pruned"], 1),
+        "rss_lazy_ratio": round(lazy["pruned"] / lazy["full"], 3),
         "latency_b1_ratio": round(med["pruned"]["latency_b1_ms"] / med["full"]["latency_b1_ms"], 3),
         "latency_b32_ratio": round(med["pruned"]["latency_b32_ms"] / med["full"]["latency_b32_ms"], 3),
         "kept_experts": report["kept_experts"],
@@ -112,7 +122,10 @@ def main() -> None:
     print(f"{'':14s} {'unpruned':>12s} {'pruned':>12s} {'ratio':>7s}")
     print(f"{'parameters':14s} {n_full:12d} {n_pruned:12d} {result['params_ratio']:7.3f}")
     print(f"{'checkpoint B':14s} {bytes_['full']:12d} {bytes_['pruned']:12d} {result['bytes_ratio']:7.3f}")
-    print(f"{'peak RSS MB':14s} {med['full']['peak_rss_mb']:12.0f} {med['pruned']['peak_rss_mb']:12.0f} {result['rss_ratio']:7.3f}")
+    print(f"{'peak RSS MB':14s} {med['full']['peak_rss_mb']:12.0f} {med['pruned']['peak_rss_mb']:12.0f} "
+          f"{result['rss_ratio']:7.3f}  (all weights resident)")
+    print(f"{'  lazy':14s} {lazy['full']:12.0f} {lazy['pruned']:12.0f} {result['rss_lazy_ratio']:7.3f}  "
+          "(mapped weights, only the used ones resident)")
     for b in (1, 32):
         k = f"latency_b{b}_ms"
         print(f"{'latency b' + str(b) + ' ms':14s} {med['full'][k]:12.1f} {med['pruned'][k]:12.1f} "
