@@ -223,6 +223,15 @@ def _load_app(name: str, params: Path | None):  # noqa: ANN202 - Application
         _fail(str(exc))
 
 
+def _app_and_chips(name: str, params: Path | None, chips: Path | None):  # noqa: ANN202
+    """The application and its chip store (``--chips`` or the app's ``chips``)."""
+    application = _load_app(name, params)
+    chips = chips or (Path(application.chips) if application.chips else None)
+    if chips is None:
+        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    return application, chips
+
+
 @app.command()
 def apps(params: Path = typer.Option(None, help="params.yaml with 'applications' (default: ./params.yaml).")) -> None:
     """List the registered applications (name, modalities, task, metric, chips)."""
@@ -249,10 +258,7 @@ def prune(
     """Keep only the experts the app's modalities use; write a standalone pruned model and a report."""
     from mapex_core.training.prune import prune_app
 
-    application = _load_app(app_name, params)
-    chips = chips or (Path(application.chips) if application.chips else None)
-    if chips is None:
-        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    application, chips = _app_and_chips(app_name, params, chips)
     try:
         report = prune_app(application, checkpoint, chips, out, device=device)
     except (FileNotFoundError, ValueError) as exc:
@@ -275,10 +281,7 @@ def finetune(
     """Fine-tune a task head (and the encoder in 'full' mode) with early stopping on the val split."""
     from mapex_core.training.finetune import finetune_app
 
-    application = _load_app(app_name, params)
-    chips = chips or (Path(application.chips) if application.chips else None)
-    if chips is None:
-        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    application, chips = _app_and_chips(app_name, params, chips)
     try:
         summary = finetune_app(application, checkpoint, chips, out, device=device, seed=seed)
     except (FileNotFoundError, ValueError) as exc:
@@ -302,10 +305,7 @@ def evaluate(
     """Pruned vs unpruned vs from-scratch on the test split, same labels and budget; JSON report."""
     from mapex_core.training.finetune import VARIANTS, evaluate_app
 
-    application = _load_app(app_name, params)
-    chips = chips or (Path(application.chips) if application.chips else None)
-    if chips is None:
-        _fail(f"application {application.name!r} has no 'chips'; pass --chips")
+    application, chips = _app_and_chips(app_name, params, chips)
     out = out or Path("reports") / application.name / "evaluation.json"
     try:
         report = evaluate_app(application, checkpoint, chips, out, device=device, pretrained=pretrained)
