@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mapex_core.modalities import MODALITIES
 from mapex_core.params import load_params
 from mapex_core.pruning import PruneParams
@@ -153,13 +151,8 @@ def get_application(name_or_path: str, params: str | Path | dict[str, Any] | Non
     """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise FileNotFoundError(f"application file {p} not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: invalid YAML: {exc}") from exc
-        if not isinstance(raw, dict) or "name" not in raw:
+        raw = load_params(p)
+        if "name" not in raw:
             raise ValueError(f"{p}: an application file needs at least name, modalities, task and metric")
         raw = dict(raw)
         return _build(str(raw.pop("name")), raw, str(p))

@@ -27,7 +27,7 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"params file {p} not found")
+        raise FileNotFoundError(f"{p}: file not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
