@@ -28,7 +28,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -652,25 +652,6 @@ class ConcatStores(Dataset):
             for key, idx in store.presence_patterns().items():
                 groups.setdefault((key, store.chip_size), []).extend(int(self.offsets[k]) + j for j in idx)
         return groups
-
-
-def write_chip_store(
-    path: str | Path,
-    samples: Iterable[Sample],
-    modalities: list[str],
-    chip_size: int,
-    stride: int | None = None,
-    class_names: list[str] | None = None,
-    label_type: str = "multilabel",
-    seed: int = 0,
-    attrs: dict[str, Any] | None = None,
-) -> Path:
-    """Chip every sample and write one store (see :class:`ChipWriter`)."""
-    with ChipWriter(path, modalities, chip_size, class_names=class_names, label_type=label_type,
-                    seed=seed, attrs=attrs) as w:
-        for s in samples:
-            w.add_sample(s, stride=stride)
-    return Path(path)
 
 
 class PresenceBatchSampler(Sampler[list[int]]):

@@ -145,25 +145,3 @@ def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
     src = da.copy(data=values).rio.write_nodata(np.nan, encoded=False)
     out = src.rio.reproject_match(grid.template(), resampling=resampling, nodata=np.nan)
     return np.asarray(out.values, dtype=np.float32)
-
-
-def open_band(path: str | Path) -> xr.DataArray:
-    """Open a single-band raster (see :func:`open_raster`)."""
-    return open_raster(path, expected_bands=1)
-
-
-def read_band_stack(
-    files: list[Path], reference: Path | Grid, resampling: Resampling = Resampling.bilinear
-) -> tuple[np.ndarray, Grid]:
-    """Read single-band files into ``(C, H, W) float32`` on a reference grid.
-
-    Args:
-        files: one file per band, in band order.
-        reference: a file whose grid is the target, or a :class:`Grid`.
-        resampling: resampling for bands not already on the grid.
-    """
-    grid = reference if isinstance(reference, Grid) else grid_of(open_band(reference))
-    out = np.empty((len(files), *grid.shape), dtype=np.float32)
-    for i, f in enumerate(files):
-        out[i] = reproject_onto(open_band(f), grid, f, resampling)[0]
-    return out, grid
