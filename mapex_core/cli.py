@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
+PRETRAIN_DIR = Path("outputs/pretrain")  # = mapex_core.stages.PRETRAIN_DIR (not imported: --help stays instant)
+EX_TEMPFAIL = 75  # exit status of a transient failure (I/O, timeout): worth retrying
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -77,7 +79,9 @@ def _params_path(params: Path | None) -> Path | None:
 
 @app.command()
 def ingest(
-    source: Path = typer.Option(..., help="Folder of imagery, or a STAC catalog.json."),
+    source: Path = typer.Option(None, help="Folder of imagery, or a STAC catalog.json."),
+    dataset: str = typer.Option(None, help="Ingest dataset NAME of params.yaml 'datasets' (its source, out, "
+                                "labels and overrides) instead of --source/--out."),
     out: Path = typer.Option(Path("data/chips/chips.zarr"), help="Chip store to write (replaced atomically)."),
     layout: str = typer.Option("auto", help="auto, bigearthnet (v1), bigearthnet2, sen1floods11, scenes or stac."),
     chip_size: int = typer.Option(None, help="Chip height and width in pixels (params data.chip_size, else 64)."),
@@ -108,6 +112,20 @@ def ingest(
     from mapex_core.params import load_params, section
 
     path = _params_path(params)
+    if dataset is not None:
+        from mapex_core.stages import ingest_stage
+
+        with _progress(quiet) as prog:
+            task = prog.add_task(f"ingest {dataset}", total=None, info="")
+            try:
+                summary = ingest_stage(dataset, path or DEFAULT_PARAMS,
+                                       progress=lambda d, t, n: prog.update(task, completed=d, total=t, info=n))
+            except (FileNotFoundError, ValueError, ValidationFailed) as exc:
+                _fail(str(exc))
+        _print_json(summary)
+        return
+    if source is None:
+        _fail("pass --source PATH (with --out) or --dataset NAME")
     try:
         all_params = load_params(path)
         dp = section(DataParams, all_params, "data", source=str(path), chip_size=chip_size,
@@ -134,7 +152,8 @@ def ingest(
 
 @app.command()
 def validate(
-    chips: Path = typer.Option(..., help="Chip store to validate."),
+    chips: Path = typer.Option(None, help="Chip store to validate."),
+    dataset: str = typer.Option(None, help="Validate the chip store of dataset NAME of params.yaml 'datasets'."),
     reports: Path = typer.Option(Path("reports"), help="Root folder of the validation reports."),
     params: Path = typer.Option(None, help="params.yaml whose 'validation' section gives the thresholds "
                                 "(default: ./params.yaml when it exists)."),
@@ -150,6 +169,15 @@ def validate(
     from mapex_core.params import load_params, section
 
     path = _params_path(params)
+    if dataset is not None:
+        from mapex_core.stages import get_dataset
+
+        try:
+            chips = Path(get_dataset(dataset, path or DEFAULT_PARAMS).out)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+    if chips is None:
+        _fail("pass --chips PATH or --dataset NAME")
     try:
         vp = section(ValidationParams, load_params(path), "validation", source=str(path),
                      max_nodata=max_nodata, max_failed_share=max_failed_share)
@@ -166,23 +194,30 @@ def validate(
 
 @app.command()
 def pretrain(
-    chips: list[Path] = typer.Option(..., help="Chip store(s) to pre-train on; repeat --chips for several "
-                                     "(normalisation statistics are pooled over them)."),
-    out: Path = typer.Option(..., help="Output directory (model, metrics, checkpoints)."),
+    chips: list[Path] = typer.Option(None, help="Chip store(s) to pre-train on; repeat --chips for several "
+                                     "(normalisation statistics are pooled over them). Default: the chip stores "
+                                     "of params pipeline.pretrain_datasets."),
+    out: Path = typer.Option(None, help="Output directory (model, metrics, checkpoints); default outputs/pretrain."),
     params: Path = typer.Option(None, help="params.yaml with 'model' and 'pretrain' sections "
                                 "(default: ./params.yaml when it exists)."),
     steps: int = typer.Option(None, help="Optimisation steps (overrides params)."),
     batch_size: int = typer.Option(None, help="Batch size (overrides params)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on CUDA)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in OUT/checkpoints."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in OUT/checkpoints. Without "
+                                "--resume/--overwrite: continue it when it was made with the same model, "
+                                "params and data (a crashed run), else refuse."),
     overwrite: bool = typer.Option(False, help="Start over, deleting an earlier run's checkpoints in OUT."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    nproc: int = typer.Option(1, min=1, help="Data-parallel processes (DDP via torchrun; gloo on CPU, one GPU "
+                              "each on CUDA); the batch size is per process."),
 ) -> None:
     """Pre-train a MAPEX model (multi-modal masked autoencoder) on a chip store.
 
     Writes OUT/config.json, OUT/model.safetensors, OUT/metrics.json (loss curve, tokens/s,
-    specialisation per modality) and OUT/routing_stats.json.
+    specialisation per modality), OUT/loss.csv and OUT/routing_stats.json.
     """
+    import os
+
     from mapex_core.model import MapexConfig
     from mapex_core.params import load_params, section
     from mapex_core.training.pretrain import PretrainParams
@@ -193,9 +228,25 @@ def pretrain(
         p = load_params(path)
         cfg = section(MapexConfig, p, "model", source=str(path))
         tp = section(PretrainParams, p, "pretrain", source=str(path), steps=steps, batch_size=batch_size)
+        pipeline_mode = not chips and out is None
+        if not chips:
+            from mapex_core.stages import pretrain_chips
+
+            chips = pretrain_chips(p if path is None else path)
+        out = out or PRETRAIN_DIR
+        if not resume and not overwrite:  # continue a crashed run of the same settings
+            from mapex_core.stages import checkpoint_matches
+            from mapex_core.training.checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(out / "checkpoints")
+            resume = ckpt is not None and checkpoint_matches(ckpt, cfg, tp, list(chips))
+            overwrite = pipeline_mode and not resume  # the pipeline's own folder: stale checkpoints go
     except (FileNotFoundError, ValueError, KeyError) as exc:
         _fail(str(exc))
-    with _progress(quiet) as prog:
+    if nproc > 1:
+        raise typer.Exit(_torchrun_pretrain(nproc))
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+    with _progress(quiet or rank > 0) as prog:
         task = prog.add_task("pretrain", total=tp.steps, info="")
 
         def cb(step: int, total: int, logs: dict[str, float]) -> None:
@@ -206,11 +257,37 @@ def pretrain(
                                    on_step=cb)
         except (FileNotFoundError, ValueError, FloatingPointError) as exc:
             _fail(str(exc))
+    if rank > 0:
+        return
     summary = {k: metrics[k] for k in ("final_loss", "tokens_per_s", "samples_per_s", "specialisation",
                                        "parameters", "num_chips", "device")}
     summary["outputs"] = {n: str(out / n) for n in ("config.json", "model.safetensors", "metrics.json",
-                                                    "routing_stats.json", "checkpoints")}
+                                                    "loss.csv", "routing_stats.json", "checkpoints")}
     _print_json(summary)
+
+
+def _torchrun_pretrain(nproc: int) -> int:
+    """Run this ``mapex pretrain`` command line, less ``--nproc``, in ``nproc`` torchrun processes.
+
+    Returns torchrun's exit status.
+    """
+    import subprocess
+
+    args = sys.argv[1:]
+    if "pretrain" not in args:
+        _fail("--nproc > 1 re-launches the `mapex pretrain` command line, which this process lacks")
+    keep: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            keep.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "mapex_core.cli", *keep]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _load_app(name: str, params: Path | None):  # noqa: ANN202 - Application
@@ -246,23 +323,45 @@ def apps(params: Path = typer.Option(None, help="params.yaml with 'applications'
                  for n, a in registry.items()})
 
 
+def _stage_defaults(**given: Any) -> bool:
+    """True when no path option was given: the command then runs the pipeline stage (stages.py layout)."""
+    return all(v is None for v in given.values())
+
+
+def _run_stage(fn: Any, app_name: str, params: Path | None, device: str) -> Any:
+    path = _params_path(params) or DEFAULT_PARAMS
+    try:
+        return fn(app_name, path, device=None if device == "auto" else device)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def prune(
     app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
-    checkpoint: Path = typer.Option(..., help="Pre-trained model directory (config.json + model.safetensors)."),
+    checkpoint: Path = typer.Option(None, help="Pre-trained model directory (default: outputs/pretrain)."),
     chips: Path = typer.Option(None, help="Calibration chip store (default: the app's chips)."),
-    out: Path = typer.Option(..., help="Output directory for the pruned model and prune_report.json."),
+    out: Path = typer.Option(None, help="Output directory (default: outputs/apps/APP/pruned)."),
     params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """Keep only the experts the app's modalities use; write a standalone pruned model and a report."""
+    """Keep only the experts the app's modalities use; write a standalone pruned model and a report.
+
+    Without --checkpoint/--chips/--out this is the pipeline stage prune@APP (dvc.yaml, flows).
+    """
+    from mapex_core.stages import PRETRAIN_DIR, app_paths, prune_stage
     from mapex_core.training.prune import prune_app
 
-    application, chips = _app_and_chips(app_name, params, chips)
-    try:
-        report = prune_app(application, checkpoint, chips, out, device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    if _stage_defaults(checkpoint=checkpoint, chips=chips, out=out):
+        report = _run_stage(prune_stage, app_name, params, device)
+        out = app_paths(app_name).pruned
+    else:
+        application, chips = _app_and_chips(app_name, params, chips)
+        out = out or app_paths(application.name).pruned
+        try:
+            report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=device)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
     _print_json({k: report[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts",
                                         "coverage", "max_output_deviation", "seconds")}
                 | {"out": str(out)})
@@ -271,21 +370,32 @@ def prune(
 @app.command()
 def finetune(
     app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
-    checkpoint: Path = typer.Option(..., help="Pruned (or any MAPEX) model directory."),
+    checkpoint: Path = typer.Option(None, help="Pruned (or any MAPEX) model directory "
+                                    "(default: outputs/apps/APP/pruned)."),
     chips: Path = typer.Option(None, help="Labelled chip store (default: the app's chips)."),
-    out: Path = typer.Option(..., help="Output directory for the fine-tuned task model."),
+    out: Path = typer.Option(None, help="Output directory (default: outputs/apps/APP/finetuned)."),
     params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
     seed: int = typer.Option(None, help="Seed (default: the app's first seed)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """Fine-tune a task head (and the encoder in 'full' mode) with early stopping on the val split."""
+    """Fine-tune a task head (and the encoder in 'full' mode) with early stopping on the val split.
+
+    Without --checkpoint/--chips/--out/--seed this is the pipeline stage finetune@APP.
+    """
+    from mapex_core.stages import app_paths, finetune_stage
     from mapex_core.training.finetune import finetune_app
 
-    application, chips = _app_and_chips(app_name, params, chips)
-    try:
-        summary = finetune_app(application, checkpoint, chips, out, device=device, seed=seed)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    if _stage_defaults(checkpoint=checkpoint, chips=chips, out=out, seed=seed):
+        summary = _run_stage(finetune_stage, app_name, params, device)
+        out = app_paths(app_name).finetuned
+    else:
+        application, chips = _app_and_chips(app_name, params, chips)
+        paths = app_paths(application.name)
+        out = out or paths.finetuned
+        try:
+            summary = finetune_app(application, checkpoint or paths.pruned, chips, out, device=device, seed=seed)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
     hist = summary["history"]
     _print_json({"app": summary["app"], "metric": summary["metric"], "best_val": hist["best_val"],
                  "best_step": hist["best_step"], "train_chips": hist["train_chips"],
@@ -295,25 +405,143 @@ def finetune(
 @app.command()
 def evaluate(
     app_name: str = typer.Option(..., "--app", help="Application name (params.yaml) or a path to an app YAML."),
-    checkpoint: Path = typer.Option(..., help="Fine-tuned (pruned) task model directory."),
+    checkpoint: Path = typer.Option(None, help="Fine-tuned (pruned) task model directory "
+                                    "(default: outputs/apps/APP/finetuned)."),
     chips: Path = typer.Option(None, help="Labelled chip store (default: the app's chips)."),
-    out: Path = typer.Option(None, help="Report JSON (default: reports/<app>/evaluation.json)."),
+    out: Path = typer.Option(None, help="Report JSON (default: reports/APP/evaluation.json; "
+                             "metrics.json is written next to it)."),
     pretrained: Path = typer.Option(None, help="Unpruned pre-trained model (default: from the lineage)."),
     params: Path = typer.Option(None, help="params.yaml (default: ./params.yaml)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """Pruned vs unpruned vs from-scratch on the test split, same labels and budget; JSON report."""
+    """Pruned vs unpruned vs from-scratch on the test split, same labels and budget; JSON report.
+
+    Without --checkpoint/--chips/--out/--pretrained this is the pipeline stage evaluate@APP.
+    """
+    from mapex_core.stages import app_paths, evaluate_stage, summary_metrics
     from mapex_core.training.finetune import VARIANTS, evaluate_app
 
-    application, chips = _app_and_chips(app_name, params, chips)
-    out = out or Path("reports") / application.name / "evaluation.json"
-    try:
-        report = evaluate_app(application, checkpoint, chips, out, device=device, pretrained=pretrained)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    if _stage_defaults(checkpoint=checkpoint, chips=chips, out=out, pretrained=pretrained):
+        report = _run_stage(evaluate_stage, app_name, params, device)
+        out = app_paths(app_name).evaluation
+    else:
+        application, chips = _app_and_chips(app_name, params, chips)
+        paths = app_paths(application.name)
+        out = out or paths.evaluation
+        try:
+            report = evaluate_app(application, checkpoint or paths.finetuned, chips, out, device=device,
+                                  pretrained=pretrained)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        (out.parent / "metrics.json").write_text(json.dumps(summary_metrics(report), indent=2))
     _print_json({"app": report["app"], "metric": report["metric"], "test_chips": report["test_chips"], "out": str(out)}
                 | {v: {k: report[v][k] for k in ("value", "ci95", "params", "checkpoint_bytes", "latency_ms")}
                    for v in VARIANTS})
+
+
+def _tracking() -> Any:
+    from mapex_core import tracking
+
+    try:
+        tracking.configure()
+    except tracking.TrackingError as exc:
+        _fail(str(exc))
+    return tracking
+
+
+@app.command()
+def retrain(
+    app_names: list[str] = typer.Option(None, "--app", help="Application(s) to retrain; repeat for several "
+                                        "(default: pipeline.apps of params.yaml)."),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml of the pipeline."),
+    samples: bool = typer.Option(True, help="Fetch the sample imagery first (--no-samples for your own data)."),
+    dask: str = typer.Option(None, help="Ingest on Dask: 'local' (a local cluster) or a scheduler address "
+                             "(tcp://host:8786)."),
+) -> None:
+    """Run the `retrain` Prefect flow: ingest -> validate -> pretrain -> per app prune -> finetune ->
+    evaluate -> register in MLflow + promotion gate. Unchanged stages are skipped (cached).
+
+    Runs locally with no server (Prefect ephemeral API, MLflow sqlite store under mlflow/, DVC);
+    records every stage in dvc.lock, so `dvc repro` afterwards finds the pipeline up to date.
+    """
+    from mapex_core import tracking
+    from mapex_core.stages import pipeline_apps
+
+    try:
+        names = pipeline_apps(params, list(app_names or []))
+        tracking.configure()
+    except (FileNotFoundError, ValueError, tracking.TrackingError) as exc:
+        _fail(str(exc))
+    from flows.pipeline import retrain as retrain_flow
+    from flows.pipeline import summary_markdown
+
+    try:
+        rows = retrain_flow(apps=names, params=str(params), fetch_samples=samples, ingest_on_dask=dask)
+    except (FileNotFoundError, ValueError, tracking.TrackingError) as exc:
+        _fail(str(exc))
+    typer.echo(summary_markdown(rows))
+    typer.echo("Where to look:\n"
+               f"  MLflow UI         mlflow/server.sh  (then http://127.0.0.1:5000; store {tracking.tracking_uri()})\n"
+               "  reports           reports/<app>/evaluation.json, reports/validation/*/data_docs/index.html\n"
+               "  models            outputs/pretrain/, outputs/apps/<app>/{pruned,finetuned}/\n"
+               "  lineage           dvc.lock (dvc status / dvc repro / dvc push)\n"
+               "  Prefect runs      prefect flow-run ls (PREFECT_HOME=.prefect); artifact 'retrain-summary'")
+
+
+@app.command()
+def promote(
+    app_name: str = typer.Option(..., "--app", help="Application name."),
+    version: str = typer.Option(..., help="Registered model version to make champion."),
+    reason: str = typer.Option("", help="Why (recorded on the version)."),
+) -> None:
+    """Move the `champion` alias of mapex-APP to VERSION by hand (recorded as a manual promotion)."""
+    tracking = _tracking()
+    try:
+        _print_json(tracking.promote(app_name, version, reason))
+    except (ValueError, tracking.TrackingError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def registry(app_name: str = typer.Option(..., "--app", help="Application name.")) -> None:
+    """Show the versions of mapex-APP with their aliases, primary metric and gate decision."""
+    tracking = _tracking()
+    state = tracking.registry_state(app_name)
+    if not state["versions"]:
+        _fail(f"no versions of {state['model']} yet; run `mapex retrain`")
+    _print_json({"model": state["model"], "champion": state["champion"], "challenger": state["challenger"],
+                 "versions": [{"version": v["version"], "aliases": v["aliases"],
+                               **{k: v["tags"].get(k) for k in ("metric", "metric_value", "params", "gate.decision",
+                                                                "promotion", "git_sha", "dvc_hash")},
+                               "gate.reasons": json.loads(v["tags"].get("gate.reasons", "[]"))}
+                              for v in state["versions"]]})
+
+
+@app.command()
+def deploy(
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml (pipeline.schedule / pipeline.timezone)."),
+    cron: str = typer.Option(None, help="Cron of the scheduled retrain (default: pipeline.schedule, weekly)."),
+    timezone: str = typer.Option(None, help="Time zone of the schedule (default: pipeline.timezone)."),
+    serve: bool = typer.Option(False, help="Run the schedules from this process instead of work pools "
+                               "(blocks; no worker needed)."),
+) -> None:
+    """Register the Prefect deployments against the server in PREFECT_API_URL: `retrain` on a cron
+    schedule on work pool `cpu`, pre-training on work pool `gpu` (see README: workers, Kubernetes)."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and "
+              "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from flows import deployments
+
+    try:
+        if serve:
+            deployments.serve(str(params), cron, timezone)
+            return
+        _print_json({"deployments": deployments.deploy(str(params), cron, timezone)})
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo("Start workers: `prefect worker start --pool cpu` (and `--pool gpu` on the GPU machine).", err=True)
 
 
 @app.command()
@@ -347,8 +575,19 @@ def info(path: Path = typer.Argument(..., help="A model directory or a chip stor
 
 
 def main() -> None:
-    """Entry point of the ``mapex`` console script."""
-    app()
+    """Entry point of the ``mapex`` console script.
+
+    A transient failure (an I/O error other than a missing or forbidden path, a timeout, a lost
+    connection) exits with status 75 (EX_TEMPFAIL) so orchestrators know a retry may help.
+    """
+    try:
+        app()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        raise
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        typer.secho(f"error (transient, exit {EX_TEMPFAIL}): {type(exc).__name__}: {exc}", fg=typer.colors.RED,
+                    err=True)
+        sys.exit(EX_TEMPFAIL)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,14 @@ def shared_flood_store(ben_root: Path, tmp_path_factory: pytest.TempPathFactory)
     out = root / "flood.zarr"
     ingest(ben_root.parent / "sen1floods11_sample", out, reports_dir=root / "reports", chip_size=64, split_block=128)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway Prefect API (sqlite) and result store for the session (~15 s to start)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect_results")
+    with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield

@@ -90,6 +90,9 @@ def test_cli_pretrain_writes_the_contract_files(ben_store, tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["loss"]) == 3 and metrics["tokens_per_s"] > 0
+    rows = (out / "loss.csv").read_text().splitlines()  # the dvc plot
+    assert rows[0] == "step,loss,recon_loss,aux_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6"]
+    assert [float(r.split(",")[1]) for r in rows[1:]] == pytest.approx(metrics["loss"])
     assert set(metrics["specialisation"]) == {"s1", "s2"}
     saved = MapexConfig.from_json(out / "config.json")
     assert set(saved.normalization) == {"s1", "s2"} and len(saved.normalization["s2"]["mean"]) == 12

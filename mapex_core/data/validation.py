@@ -145,10 +145,13 @@ def validate_table(
         docs_dir: where the Data Docs site goes (replaced); ``None`` = no HTML.
         name: suite / asset name shown in the Data Docs.
     """
+    import logging
+
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # not one INFO line per run
     p = params or ValidationParams()
     df = _prepare(table, modalities)
     ctx = gx.get_context(mode="ephemeral")

@@ -147,7 +147,7 @@ def save_task_model(model: TaskModel, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "mapex": "task"})
+    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: byte-identical re-saves
     os.replace(tmp, out / "model.safetensors")
     task = {"task": model.task, "class_names": model.class_names, "head_channels": model.head_channels,
             "input_modalities": model.input_modalities, **model.info}

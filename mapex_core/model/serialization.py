@@ -32,7 +32,7 @@ def save_model(model: MapexModel, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "mapex": "1"})
+    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors writes a map in hash order
     os.replace(tmp, out / WEIGHTS_NAME)
     _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
     return out

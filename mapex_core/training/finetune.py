@@ -210,7 +210,10 @@ def checkpoint_bytes(model: TaskModel) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
-def _task_model(encoder: MapexModel, app: Application, class_names: list[str], info: dict[str, Any]) -> TaskModel:
+def _task_model(encoder: MapexModel, app: Application, class_names: list[str], info: dict[str, Any],
+                seed: int) -> TaskModel:
+    """``encoder`` with a new task head, initialised from ``seed`` (the process's RNG is seeded randomly)."""
+    torch.manual_seed(seed)
     return TaskModel(strip_decoder(encoder) if encoder.with_decoder else encoder, app.task, class_names,
                      info={"app": app.name, "metric": app.metric, **info},
                      head_channels=app.finetune.head_channels, input_modalities=app.modalities)
@@ -238,7 +241,7 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
         "finetune": app.finetune.__dict__,
         "chips": str(Path(chips).resolve()),
         "chips_fingerprint": ChipStore.open(chips, in_memory=False).fingerprint(),
-    })
+    }, seed)
     pruned = encoder.config.kept_experts is not None
     t0 = time.perf_counter()
     history = train_task(model, train, val, app.metric, app.finetune, seed, dev,
@@ -330,19 +333,19 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
         if s == info.get("seed") and not mismatch:
             m = pruned_model
         else:
-            m = _task_model(load_model(pruned_dir, device=dev), app, classes, {})
+            m = _task_model(load_model(pruned_dir, device=dev), app, classes, {}, s)
             hists.append(train_task(m, train, val, app.metric, app.finetune, s, dev, 0.0))
         o, targets = predict(m, test, app.finetune.batch_size, dev)
         outputs.append(o)
     report["pruned"] = _variant_report(pruned_model, app, outputs, targets, test, dev, hists)
 
-    unpruned, outs, tg, h = run(lambda s: _task_model(copy.deepcopy(full), app, classes, {}),
+    unpruned, outs, tg, h = run(lambda s: _task_model(copy.deepcopy(full), app, classes, {}, s),
                                 full.config.balance_loss_weight)
     report["unpruned"] = _variant_report(unpruned, app, outs, tg, test, dev, h)
 
     def scratch(s: int) -> TaskModel:
         torch.manual_seed(s)
-        return _task_model(MapexModel(cfg, with_decoder=False).to(dev), app, classes, {})
+        return _task_model(MapexModel(cfg, with_decoder=False).to(dev), app, classes, {}, s)
 
     scratch_model, outs, tg, h = run(scratch, 0.0)
     report["scratch"] = _variant_report(scratch_model, app, outs, tg, test, dev, h)

@@ -1,25 +1,41 @@
 """Multi-modal masked-autoencoder pre-training of a MAPEX model on a chip store.
 
 Outputs in ``out``: ``config.json`` + ``model.safetensors`` (final weights), ``metrics.json``
-(loss curve, throughput, specialisation), ``routing_stats.json`` and ``checkpoints/``.
+(loss curve, throughput, specialisation), ``loss.csv`` (the loss curve, for ``dvc plots``),
+``routing_stats.json`` and ``checkpoints/``.
 Re-running with ``resume=True`` continues from the newest checkpoint and reproduces the
 uninterrupted run: the batch order depends only on ``(seed, epoch)`` and every RNG is restored.
+
+Data-parallel training (DDP): started by ``torchrun`` (``mapex pretrain --nproc N``), which sets
+``WORLD_SIZE`` > 1, every process runs :func:`pretrain`; the model is wrapped in
+``DistributedDataParallel`` (gloo on CPU, nccl with one GPU per process on CUDA). Each step is
+``world_size`` batches of ``batch_size`` chips, one per rank (see :func:`epoch_steps`), so a
+step sees ``batch_size * world_size`` chips. All ranks of a step get batches of the same
+presence group (same modalities, same chip size) and draw the modality dropout from identically
+seeded generators, so every rank feeds the model the same modality set; the MAE masks are drawn
+per rank (different seeds), since identical masks would hide the same patches on every rank.
+Only rank 0 writes files; resume works when the number of processes is unchanged (each rank's
+mask generator is saved in the checkpoint), and is refused with a ``ValueError`` otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mapex_core.data.chips import (
@@ -68,6 +84,103 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available")
     return torch.device(device)
+
+
+@dataclass
+class DistContext:
+    """This process's place in a data-parallel run (``world == 1``: a plain single process)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # the process group was created here, so it is destroyed here
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> tuple[DistContext, torch.device]:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), else run alone.
+
+    The backend is gloo on CPU and nccl on CUDA, where rank ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``
+    (whatever index ``device`` names). A process group created by the caller is used as is.
+
+    Raises:
+        ValueError: the device is unknown or unavailable, or there are fewer GPUs than processes.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return DistContext(), dev
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process LOCAL_RANK={local} needs GPU {local}, but only "
+                             f"{torch.cuda.device_count()} are visible; lower --nproc")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    ctx = DistContext(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
+    if not ctx.enabled and owns:
+        dist.destroy_process_group()
+        return DistContext(), dev
+    return ctx, dev
+
+
+def epoch_steps(sampler: PresenceBatchSampler, epoch: int, world: int) -> list[list[list[int]]]:
+    """The optimisation steps of ``epoch``: each a list of ``world`` batches, one per rank.
+
+    The batches are the sampler's seeded order (``batch_size`` chips each, per rank). Ranks of
+    one step must feed the model the same modalities, so a step takes ``world`` consecutive
+    batches *of one presence group*: walking the order, each group's batches queue up and form
+    a step when ``world`` are waiting. A group's last, incomplete step is padded with that
+    group's first batches of the epoch (as ``DistributedSampler`` pads), so no chip or group is
+    dropped. With ``world == 1`` this is exactly the sampler's order, one batch per step.
+    """
+    batches = sampler.batches(epoch)
+    if world == 1:
+        return [[b] for b in batches]
+    group_of = {i: g for g, idx in enumerate(sampler.groups) for i in idx}
+    remaining = Counter(group_of[b[0]] for b in batches)
+    seen: dict[int, list[list[int]]] = {}
+    queued: dict[int, list[list[int]]] = {}
+    steps: list[list[list[int]]] = []
+    for b in batches:
+        g = group_of[b[0]]
+        seen.setdefault(g, []).append(b)
+        queue = queued.setdefault(g, [])
+        queue.append(b)
+        remaining[g] -= 1
+        if len(queue) == world or remaining[g] == 0:
+            k = 0
+            while len(queue) < world:
+                queue.append(seen[g][k % len(seen[g])])
+                k += 1
+            steps.append(queue)
+            queued[g] = []
+    return steps
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of every ``state_dict`` entry (debugging DDP replicas)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -150,12 +263,15 @@ def pretrain(
 ) -> dict[str, Any]:
     """Pre-train a MAPEX model with the multi-modal MAE objective.
 
+    Run by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this and they train one model
+    data-parallel (see the module docstring); only rank 0 writes files.
+
     Args:
         chips: chip store path, or several (each contributes the model's modalities it holds;
             normalisation statistics are pooled over all of them and stored in the config).
         out: output directory (created).
         config: model architecture (its modalities must be in the store).
-        params: training knobs.
+        params: training knobs; ``batch_size`` is per process.
         device: ``auto``, ``cpu`` or ``cuda``.
         resume: continue from the newest checkpoint in ``out/checkpoints`` (starts fresh when
             there is none).
@@ -166,12 +282,29 @@ def pretrain(
             logged (``log_every``) mean loss, so the callback adds no host sync.
 
     Returns:
-        The metrics dict also written to ``out/metrics.json``.
+        The metrics dict also written to ``out/metrics.json`` (on every rank).
     """
-    out = Path(out)
+    ddp, dev = init_distributed(device)
+    try:
+        return _pretrain(chips, Path(out), config, params, ddp, dev, resume, overwrite, on_step)
+    finally:
+        if ddp.owns_group:
+            dist.destroy_process_group()
+
+
+def _pretrain(
+    chips: str | Path | list[str | Path],
+    out: Path,
+    config: MapexConfig,
+    params: PretrainParams,
+    ddp: DistContext,
+    dev: torch.device,
+    resume: bool,
+    overwrite: bool,
+    on_step: Callable[[int, int, dict[str, float]], None] | None,
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
-    dev = resolve_device(device)
     stores = open_stores(chips, config, list(params.splits))
     if config.normalization is None:
         config = MapexConfig.from_dict({**config.to_dict(), "normalization": pooled_normalization(stores)})
@@ -184,9 +317,12 @@ def pretrain(
         raise ValueError(f"{chips}: no chips in split(s) {list(params.splits)} with modalities {config.modalities}")
 
     torch.manual_seed(params.seed)
-    mask_gen = torch.Generator(device=dev).manual_seed(params.seed + 1)
+    # the mask differs per rank (rank 0 draws exactly what a single process draws); the modality
+    # dropout is the same on every rank, so all ranks run the model on the same modalities
+    mask_gen = torch.Generator(device=dev).manual_seed(params.seed + 1 + 1_000_003 * ddp.rank)
     drop_gen = torch.Generator().manual_seed(params.seed + 2)
-    generators = {"mask": mask_gen, "drop": drop_gen}
+    mask_key = "mask" if ddp.rank == 0 else f"mask.rank{ddp.rank}"
+    generators = {mask_key: mask_gen, "drop": drop_gen}
     history: dict[str, list[float]] = {"steps": [], "loss": [], "recon_loss": [], "aux_loss": [], "lr": []}
     step, epoch, pos, train_time, tokens_seen, samples_seen = 0, 0, 0, 0.0, 0, 0
 
@@ -195,13 +331,19 @@ def pretrain(
         if not overwrite:
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (newest: {ckpt.name}); "
                              "pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(ckpt_root)
+        ddp.barrier()  # every rank has looked before rank 0 deletes
+        if ddp.is_main:
+            shutil.rmtree(ckpt_root)
+        ddp.barrier()
         ckpt = None
     if ckpt is not None:
         model, state = load_checkpoint(ckpt, device=dev)
         if model.config.to_dict() != config.to_dict():
             raise ValueError(f"{ckpt}: checkpoint config differs from the requested model config; "
                              "use the same params or a new --out")
+        if state.get("world_size", 1) != ddp.world:
+            raise ValueError(f"{ckpt}: written by a run of {state.get('world_size', 1)} process(es); resume it "
+                             f"with the same number (--nproc {state.get('world_size', 1)}), not {ddp.world}")
         optimizer = build_optimizer(model, params)
         restore_training_state(ckpt, optimizer, generators, state)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
@@ -211,6 +353,11 @@ def pretrain(
     else:
         model = MapexModel(config).to(dev)
         optimizer = build_optimizer(model, params)
+    net: torch.nn.Module = model
+    if ddp.enabled:
+        # experts nobody routed to and the patch embeddings of dropped modalities get no gradient
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      find_unused_parameters=True)
     sampler = PresenceBatchSampler(store, params.batch_size, seed=params.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
     model.train()
@@ -224,24 +371,30 @@ def pretrain(
     last_loss = history["loss"][-1] if history["loss"] else float("nan")
 
     def check_finite(where: int) -> list[float]:
-        vals = acc.tolist()
+        # the mean over ranks (a resumed ``acc`` holds that mean on every rank: it stays the mean)
+        total = acc
+        if ddp.enabled:
+            total = acc.clone()
+            dist.all_reduce(total)
+            total /= ddp.world
+        vals = total.tolist()
         if not all(math.isfinite(v) for v in vals):
             raise FloatingPointError(f"non-finite loss before step {where}; lower pretrain.lr")
         return vals
 
     t_mark = time.perf_counter()
     while step < params.steps:
-        batches = sampler.batches(epoch)[pos:]
-        loader = DataLoader(store, batch_sampler=batches, collate_fn=collate,
+        steps = epoch_steps(sampler, epoch, ddp.world)[pos:]
+        loader = DataLoader(store, batch_sampler=[s[ddp.rank] for s in steps], collate_fn=collate,
                             num_workers=params.num_workers)
-        for batch in loader:
+        for i, batch in enumerate(loader):
             inputs = {m: batch[m].to(dev, non_blocking=True) for m in config.modalities if m in batch}
             inputs = drop_modalities(inputs, config.modalities, params.modality_dropout, drop_gen)
             if autocast is not None:
                 with autocast:
-                    res = model(inputs, generator=mask_gen)
+                    res = net(inputs, generator=mask_gen)
             else:
-                res = model(inputs, generator=mask_gen)
+                res = net(inputs, generator=mask_gen)
             optimizer.zero_grad(set_to_none=True)
             res.loss.backward()
             lr = params.lr * lr_factor(step, params.warmup_steps, params.steps, params.min_lr_ratio)
@@ -252,9 +405,11 @@ def pretrain(
             optimizer.step()
             acc += torch.stack([res.loss.detach(), res.recon_loss.detach(), res.aux_loss.detach()]).double()
             acc_n += 1
-            samples_seen += next(iter(inputs.values())).shape[0]
-            tokens_seen += sum(x.shape[0] * (x.shape[-2] // config.patch_size) * (x.shape[-1] // config.patch_size)
-                               for x in inputs.values())
+            # global counts: every rank knows the step's batches and modalities (same on all ranks)
+            n_step = sum(len(b) for b in steps[i])
+            samples_seen += n_step
+            tokens_seen += n_step * sum((x.shape[-2] // config.patch_size) * (x.shape[-1] // config.patch_size)
+                                        for x in inputs.values())
             step, pos = step + 1, pos + 1
             is_log = step % params.log_every == 0 or step == params.steps
             is_ckpt = step % params.ckpt_every == 0 or step == params.steps
@@ -272,8 +427,10 @@ def pretrain(
                 train_time += time.perf_counter() - t_mark
                 state = {"epoch": epoch, "pos": pos, "history": history, "train_time": train_time,
                          "tokens_seen": tokens_seen, "samples_seen": samples_seen, "params": asdict(params),
-                         "acc": pending, "acc_n": acc_n}
-                save_checkpoint(ckpt_root, step, model, optimizer, state, generators, params.keep_checkpoints)
+                         "acc": pending, "acc_n": acc_n, "world_size": ddp.world}
+                saved_gens = _gather_generators(generators, mask_gen, ddp, dev)
+                if ddp.is_main:
+                    save_checkpoint(ckpt_root, step, model, optimizer, state, saved_gens, params.keep_checkpoints)
                 t_mark = time.perf_counter()
             elif is_log:
                 now = time.perf_counter()
@@ -286,31 +443,71 @@ def pretrain(
         else:
             epoch, pos = epoch + 1, 0
 
-    save_model(model, out)
-    routing = routing_summary(model, store, dev, params.batch_size, params.stats_batches)
-    metrics = {
-        "steps": history["steps"],
-        "loss": history["loss"],
-        "recon_loss": history["recon_loss"],
-        "aux_loss": history["aux_loss"],
-        "lr": history["lr"],
-        "final_loss": history["loss"][-1] if history["loss"] else None,
-        "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
-        "samples_per_s": samples_seen / train_time if train_time else 0.0,
-        "samples_seen": samples_seen,
-        "train_seconds": train_time,
-        "device": str(dev),
-        "num_chips": len(store),
-        "parameters": model.num_parameters(),
-        "specialisation": routing["specialisation"],
-        "specialisation_per_layer": routing["specialisation_per_layer"],
-    }
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "routing_stats.json", routing)
+    if os.environ.get("MAPEX_DDP_DEBUG_HASH") == "1":  # each rank's final weights, to compare replicas
+        _write_text(out / f"rank{ddp.rank}.sha256", state_hash(model) + "\n")
+    metrics: dict[str, Any] = {}
+    if ddp.is_main:
+        save_model(model, out)
+        routing = routing_summary(model, store, dev, params.batch_size, params.stats_batches)
+        metrics = {
+            "steps": history["steps"],
+            "loss": history["loss"],
+            "recon_loss": history["recon_loss"],
+            "aux_loss": history["aux_loss"],
+            "lr": history["lr"],
+            "final_loss": history["loss"][-1] if history["loss"] else None,
+            "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
+            "samples_per_s": samples_seen / train_time if train_time else 0.0,
+            "samples_seen": samples_seen,
+            "train_seconds": train_time,
+            "device": str(dev),
+            "world_size": ddp.world,
+            "num_chips": len(store),
+            "parameters": model.num_parameters(),
+            "specialisation": routing["specialisation"],
+            "specialisation_per_layer": routing["specialisation_per_layer"],
+        }
+        _write_json(out / "metrics.json", metrics)
+        _write_json(out / "routing_stats.json", routing)
+        _write_loss_csv(out / "loss.csv", history)
+    if ddp.enabled:  # the other ranks wait here for rank 0's files, and get its metrics
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
     return metrics
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _gather_generators(generators: dict[str, torch.Generator], mask_gen: torch.Generator, ddp: DistContext,
+                       dev: torch.device) -> dict[str, torch.Generator]:
+    """The generators a checkpoint saves: on rank 0 its own plus every other rank's mask generator.
+
+    A collective: every rank must call it.
+    """
+    if not ddp.enabled:
+        return generators
+    states: list[Any] = [None] * ddp.world
+    dist.all_gather_object(states, mask_gen.get_state().cpu())
+    out = dict(generators)
+    for r in range(1, ddp.world):
+        g = torch.Generator(device=dev)
+        g.set_state(states[r])
+        out[f"mask.rank{r}"] = g
+    return out
+
+
+def _write_loss_csv(path: Path, history: dict[str, list[float]]) -> None:
+    """The logged loss curve as ``step,loss,recon_loss,aux_loss,lr`` rows (a ``dvc plots`` source)."""
+    rows = ["step,loss,recon_loss,aux_loss,lr"]
+    rows += [f"{s},{lo!r},{re_!r},{au!r},{lr!r}" for s, lo, re_, au, lr in zip(
+        history["steps"], history["loss"], history["recon_loss"], history["aux_loss"], history["lr"], strict=True)]
+    _write_text(path, "\n".join(rows) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2))

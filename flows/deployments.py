@@ -1,0 +1,102 @@
+"""Prefect deployments: the scheduled ``retrain`` on work pool ``cpu``, pre-training on work pool ``gpu``.
+
+``mapex deploy`` registers them against the Prefect server in ``PREFECT_API_URL`` (creating the
+two pools, type ``process``, when missing); workers then pick the runs up::
+
+    prefect worker start --pool cpu                  # on any machine with this project installed
+    prefect worker start --pool gpu                  # on the GPU machine
+
+The deployments name their flows by module path (``flows.pipeline.retrain``), so any worker with
+the ``mapex`` package installed can run them; ``working_dir`` (a job variable) is the project
+folder holding ``params.yaml`` and ``dvc.yaml``. On Kubernetes, create pools ``cpu`` and ``gpu`` of
+type ``kubernetes`` instead (``prefect work-pool create gpu --type kubernetes``), give the ``gpu``
+pool's job template a GPU resource request, and run one worker per pool in the cluster: the
+deployments stay the same. ``mapex deploy --serve`` instead runs both schedules from one local
+process, without pools or workers (a laptop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CPU_POOL, GPU_POOL = "cpu", "gpu"
+RETRAIN_NAME, PRETRAIN_NAME = "scheduled-retrain", "pretrain-gpu"
+
+
+def build_deployments(params: str = "params.yaml", cron: str | None = None, timezone: str | None = None,
+                      project_dir: str | Path | None = None, pools: bool = True) -> list[Any]:
+    """The ``retrain`` (cron-scheduled, pool ``cpu``) and ``pretrain`` (on demand, pool ``gpu``) deployments.
+
+    Args:
+        params: params file (its ``pipeline.schedule`` / ``pipeline.timezone`` are the defaults).
+        cron: cron expression of the retrain schedule (default: ``pipeline.schedule``, weekly).
+        project_dir: the project folder the flows run in (default: the current directory).
+        pools: attach the work pools (False for ``serve``, which runs the flows itself).
+    """
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    from flows.pipeline import pretrain_flow, retrain
+    from mapex_core.stages import load_pipeline
+
+    pipe = load_pipeline(params)
+    cron = cron or pipe.schedule
+    timezone = timezone or pipe.timezone
+    _check_cron(cron, timezone)
+    workdir = str(Path(project_dir or Path.cwd()).resolve())
+    common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["mapex"]}
+    retrain_kwargs = dict(common, name=RETRAIN_NAME, schedules=[Cron(cron, timezone=timezone)],
+                          parameters={"params": params, "fetch_samples": False},
+                          description=f"Weekly MAPEX retrain of {', '.join(pipe.apps)} (cron {cron!r}).")
+    pretrain_kwargs = dict(common, name=PRETRAIN_NAME, parameters={"params": params},
+                           description="MAPEX pre-training on the pipeline's chip stores (GPU worker).")
+    if pools:
+        retrain_kwargs |= {"work_pool_name": CPU_POOL, "job_variables": {"working_dir": workdir}}
+        pretrain_kwargs |= {"work_pool_name": GPU_POOL, "job_variables": {"working_dir": workdir}}
+    return [retrain.to_deployment(**retrain_kwargs), pretrain_flow.to_deployment(**pretrain_kwargs)]
+
+
+def _check_cron(cron: str, timezone: str | None = None) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        raise ValueError(f"invalid schedule: cron {cron!r}, timezone {timezone!r} "
+                         "(e.g. cron '0 3 * * 1' = Mondays 03:00, timezone 'UTC')") from exc
+
+
+def ensure_pools() -> None:
+    """Create work pools ``cpu`` and ``gpu`` (type ``process``) on the server when missing."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for pool in (CPU_POOL, GPU_POOL):
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
+def deploy(params: str = "params.yaml", cron: str | None = None, timezone: str | None = None,
+           project_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Register both deployments with the Prefect server; returns name, id, pool and schedule of each."""
+    ensure_pools()
+    out = []
+    for dep in build_deployments(params, cron, timezone, project_dir):
+        dep_id = dep.apply(work_pool_name=dep.work_pool_name)
+        out.append({"deployment": f"{dep.flow_name}/{dep.name}", "id": str(dep_id), "work_pool": dep.work_pool_name,
+                    "schedules": [getattr(s.schedule, "cron", None) for s in dep.schedules or []],
+                    "parameters": dep.parameters})
+    return out
+
+
+def serve(params: str = "params.yaml", cron: str | None = None, timezone: str | None = None) -> None:
+    """Run both deployments' schedules from this process (blocks; stop with SIGTERM or Ctrl-C)."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*build_deployments(params, cron, timezone, pools=False))

@@ -1,0 +1,164 @@
+"""Lineage: the git commit and the DVC hashes of data and stage outputs.
+
+DVC is the record of what produced what: ``stage_key`` hashes a ``dvc.yaml`` stage's command,
+dependencies (DVC content hashes, computed by DVC with its own state cache) and params, which is
+what the flows key their task cache on; ``commit_stage`` records the outputs a flow produced in
+``dvc.lock``, so ``dvc repro`` afterwards finds the pipeline up to date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# one DVC operation at a time per process (DVC's repo lock guards against other processes)
+_DVC_LOCK = threading.Lock()
+
+
+def git_sha(root: str | Path = ".") -> str:
+    """The commit of the working tree at ``root`` (``+dirty`` when it has uncommitted changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+@contextmanager
+def _repo(root: str | Path = "."):  # noqa: ANN202 - dvc Repo
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # no "Updating lock file" line per stage
+    with _DVC_LOCK:
+        repo = Repo(str(root))
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+def _stage(repo: Any, name: str) -> Any:
+    from dvc.exceptions import DvcException
+
+    try:
+        stages = repo.stage.collect(name)
+    except DvcException as exc:
+        raise ValueError(f"dvc.yaml has no stage {name!r}: {exc}") from exc
+    if len(stages) != 1:
+        raise ValueError(f"dvc.yaml: {name!r} names {len(stages)} stages, expected one")
+    return stages[0]
+
+
+def stage_inputs(name: str, root: str | Path = ".") -> dict[str, Any]:
+    """The command, dependency hashes and params values of DVC stage ``name`` as they are now."""
+    with _repo(root) as repo:
+        stage = _stage(repo, name)
+        deps: dict[str, Any] = {}
+        for dep in stage.deps:
+            if hasattr(dep, "read_params"):
+                deps[f"params:{dep.def_path}"] = dep.read_params()
+            elif not dep.exists:
+                deps[str(dep.def_path)] = None  # not made yet (its stage runs first)
+            else:
+                h = dep.get_hash()
+                deps[str(dep.def_path)] = h.value if h else None
+        return {"stage": name, "cmd": stage.cmd, "deps": deps, "outs": [str(o.def_path) for o in stage.outs]}
+
+
+def stage_key(name: str, root: str | Path = ".") -> str:
+    """A hash of stage ``name``'s command, dependency content hashes and params.
+
+    Equal keys mean DVC would consider the stage's inputs unchanged.
+    """
+    inputs = stage_inputs(name, root)
+    inputs.pop("outs")
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def outputs_changed(name: str, root: str | Path = ".") -> bool:
+    """Whether stage ``name``'s outputs are missing or differ from those ``dvc.lock`` records for it.
+
+    Dependencies are not checked (the stage key covers them); this is what makes a cached stage
+    run again when its outputs were deleted or modified by hand.
+    """
+    with _repo(root) as repo:
+        stage = _stage(repo, name)
+        if not all((Path(root) / str(o.def_path)).exists() for o in stage.outs):
+            return True
+        with repo.lock:
+            status = stage.status()
+    return any("changed outs" in entry for entry in status.get(name, []) if isinstance(entry, dict))
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero; ``transient`` when it exited 75 (EX_TEMPFAIL: retrying may help)."""
+
+    def __init__(self, stage: str, cmd: str, returncode: int, tail: str) -> None:
+        super().__init__(f"stage {stage} failed (exit {returncode}): {cmd}\n{tail}")
+        self.stage, self.returncode = stage, returncode
+        self.transient = returncode == 75
+
+
+def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | None = None) -> str:
+    """Run DVC stage ``name``'s command (a ``mapex`` command) in ``root``, as ``dvc repro`` would.
+
+    The command runs in its own process (its own RNG, memory and GPU context), with this
+    interpreter's ``bin`` folder first on ``PATH``.
+
+    Returns:
+        The command's standard output.
+
+    Raises:
+        StageFailed: non-zero exit, with the end of its standard error.
+    """
+    cmd = stage_inputs(name, root)["cmd"]
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if log is not None:
+        log(f"{name}: {cmd}")
+    proc = subprocess.run(shlex.split(cmd), cwd=root, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StageFailed(name, cmd, proc.returncode, "\n".join(proc.stderr.strip().splitlines()[-15:]))
+    return proc.stdout
+
+
+def commit_stage(name: str, root: str | Path = ".") -> dict[str, str]:
+    """Record stage ``name``'s current dependencies and outputs in ``dvc.lock`` (``dvc commit``).
+
+    Returns:
+        The DVC hash of each output.
+    """
+    with _repo(root) as repo:
+        repo.commit(name, force=True)
+        stage = _stage(repo, name)
+        return {str(o.def_path): (o.hash_info.value if o.hash_info else "") for o in stage.outs}
+
+
+def output_hash(path: str | Path, root: str | Path = ".") -> str | None:
+    """The DVC hash recorded in ``dvc.lock`` for output ``path`` (e.g. a chip store), or ``None``."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    want = Path(path).as_posix().rstrip("/")
+    data = yaml.safe_load(lock.read_text()) or {}
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if Path(out.get("path", "")).as_posix().rstrip("/") == want:
+                return out.get("md5")
+    return None

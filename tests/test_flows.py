@@ -1,0 +1,73 @@
+"""Prefect deployments (test harness API), Dask ingestion, retry classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_project import TINY_PARAMS, make_project
+
+
+def test_deployments_have_schedule_pools_and_parameters(prefect_harness, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    from prefect import get_client
+
+    from flows.deployments import deploy
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    monkeypatch.chdir(tmp_path)
+    out = deploy("params.yaml")
+    assert [d["deployment"] for d in out] == ["retrain/scheduled-retrain", "pretrain/pretrain-gpu"]
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name("retrain/scheduled-retrain")
+        pretrain = client.read_deployment_by_name("pretrain/pretrain-gpu")
+        pools = {p.name: p.type for p in client.read_work_pools()}
+    assert retrain.work_pool_name == "cpu" and pretrain.work_pool_name == "gpu"
+    assert {"cpu": "process", "gpu": "process"}.items() <= pools.items()
+    assert [(s.schedule.cron, s.schedule.timezone) for s in retrain.schedules] == [("0 3 * * 1", "UTC")]
+    assert retrain.parameters == {"params": "params.yaml", "fetch_samples": False}
+    assert retrain.entrypoint == "flows.pipeline.retrain" and pretrain.entrypoint == "flows.pipeline.pretrain_flow"
+    assert retrain.job_variables == {"working_dir": str(tmp_path.resolve())}
+    assert pretrain.schedules == []
+    # a configured schedule replaces the default on re-deploy
+    deploy("params.yaml", cron="30 1 * * 0", timezone="Europe/Berlin")
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name("retrain/scheduled-retrain")
+    assert [(s.schedule.cron, s.schedule.timezone) for s in retrain.schedules] == [("30 1 * * 0", "Europe/Berlin")]
+    with pytest.raises(ValueError, match="invalid schedule: cron '61 \\* \\* \\* \\*'"):
+        deploy("params.yaml", cron="61 * * * *")
+
+
+def test_ingest_flow_on_a_local_dask_cluster(prefect_harness, ben_root: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvc.repo import Repo
+
+    from flows.pipeline import ingest_with_dask
+    from mapex_core.data.chips import ChipStore
+
+    root = make_project(tmp_path / "proj", ben_root)
+    monkeypatch.chdir(root)
+    out = ingest_with_dask(["bigearthnet"], n_workers=1)
+    ing = out["bigearthnet"]["ingest"]
+    assert ing["success"] and ing["quarantined"] == 0 and ing["chips"] == out["bigearthnet"]["validate"]["chips"]
+    assert len(ChipStore.open("data/chips/bigearthnet.zarr")) == ing["chips"] == 24  # 6 pairs x 2 x 2 chips
+    with Repo(str(root)) as repo:  # both stages recorded in dvc.lock from the Dask workers' outputs
+        assert not {"ingest@bigearthnet", "validate@bigearthnet"} & set(repo.status())
+
+
+def test_transient_failures_are_retried_bugs_are_not() -> None:
+    import sqlite3
+
+    from dvc.lock import LockError
+
+    from flows.pipeline import is_transient
+    from mapex_core.lineage import StageFailed
+
+    assert is_transient(StageFailed("prune@a", "mapex prune --app a", 75, ""))
+    assert not is_transient(StageFailed("prune@a", "mapex prune --app a", 1, "error: bad input"))
+    assert is_transient(LockError("busy")) and is_transient(TimeoutError()) and is_transient(OSError(5, "EIO"))
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    for exc in (ValueError("x"), KeyError("k"), TypeError("t"), FileNotFoundError("f"), PermissionError("p")):
+        assert not is_transient(exc)

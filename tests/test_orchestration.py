@@ -1,0 +1,233 @@
+"""The retrain flow end to end on a tiny config: real Prefect (test harness), real MLflow (sqlite in a
+temp project), real DVC (a temp git repo), real BigEarthNet sample chips.
+
+One project is built once for the module and the tests run in order on it: first run, cached re-run,
+one app's params changed, faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_project import make_project, run, set_params
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+APPS = ["landcover-s2", "landcover-s1"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def project(ben_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The temp project, as the current directory, with MLflow on its own sqlite store."""
+    import mlflow
+
+    root = make_project(tmp_path_factory.mktemp("project") / "proj", ben_root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root
+    mlflow.set_tracking_uri(None)
+
+
+def latest_task_states(names: list[str]) -> dict[str, str]:
+    """State name of the newest task run of each name (Prefect API of the harness)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+    out: dict[str, str] = {}
+    for r in runs:
+        out.setdefault(r.name, r.state.name)
+    return out
+
+
+def dvc_status(root: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status()
+
+
+STAGES = ["ingest@bigearthnet", "validate@bigearthnet", "pretrain"] + [
+    f"{k}@{a}" for a in APPS for k in ("prune", "finetune", "evaluate")]
+
+
+def test_first_run_registers_with_lineage(project: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import retrain
+    from mapex_core import lineage, tracking
+
+    rows = retrain(params="params.yaml", fetch_samples=False)
+    assert [r["app"] for r in rows] == APPS
+    for r in rows:
+        assert r["version"] == "1" and r["decision"] == "passed" and r["champion"] == "1"
+        assert r["reasons"] == ["no champion yet"]
+        assert r["params_pruned"] < r["params_full"]
+    # every stage recorded in dvc.lock: DVC finds the pipeline up to date
+    assert dvc_status(project) == {}
+    assert "up to date" in run(["dvc", "repro"], project).stdout
+
+    client = MlflowClient()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{project.resolve()}/mlflow/mlflow.db"
+    pre = client.get_model_version_by_alias("mapex-pretrained", "current")
+    chips_hash = lineage.output_hash("data/chips/bigearthnet.zarr")
+    assert chips_hash and chips_hash.endswith(".dir")
+    for app in APPS:
+        v = client.get_model_version_by_alias(f"mapex-{app}", "champion")
+        assert "challenger" in v.aliases
+        run_ = client.get_run(v.run_id)
+        tags = run_.data.tags
+        assert tags["mapex.app"] == app
+        assert tags["mapex.modalities"] == app.removeprefix("landcover-")
+        assert tags["mapex.dvc_hash"] == chips_hash
+        assert tags["mapex.git_sha"] == lineage.git_sha(project) and len(tags["mapex.git_sha"]) >= 40
+        assert tags["mapex.pretrain_run_id"] == pre.run_id == tags["mlflow.parentRunId"]
+        assert int(tags["mapex.params_pruned"]) < int(tags["mapex.params_full"])
+        digests = [d.dataset.digest for d in run_.inputs.dataset_inputs]
+        assert digests == [chips_hash.removesuffix(".dir")]
+        assert {"pruned.map_macro", "unpruned.map_macro", "scratch.map_macro", "prune.reduction"} <= set(
+            run_.data.metrics)
+        assert len(client.get_metric_history(v.run_id, "finetune.train_loss")) == 2  # eval_every 3, 6 steps
+        assert v.tags["gate.decision"] == "passed" and v.tags["model_sha256"] == sha(
+            Path(f"outputs/apps/{app}/finetuned/model.safetensors"))
+        arts = {a.path for a in client.list_artifacts(v.run_id, "reports")}
+        assert {"reports/evaluation.json", "reports/prune_report.json", "reports/config.json"} <= arts
+    pre_run = client.get_run(pre.run_id)
+    assert len(client.get_metric_history(pre.run_id, "loss")) == 3  # log_every 2, 6 steps
+    assert "specialisation.s1" in pre_run.data.metrics and pre_run.data.params["model.dim"] == "32"
+    # models from code + safetensors: nothing pickled anywhere in the artifact store
+    assert not list(Path("mlflow/artifacts").rglob("*.pkl"))
+    # the registered champion serves the same predictions as the fine-tuned model in process
+    _check_pyfunc_matches("landcover-s2")
+    assert tracking.registry_state("landcover-s2")["champion"] == "1"
+
+
+def _check_pyfunc_matches(app: str) -> None:
+    import mlflow
+    import numpy as np
+    import torch
+
+    from mapex_core.data.chips import ChipStore, collate
+    from mapex_core.model.heads import load_task_model
+
+    model = load_task_model(f"outputs/apps/{app}/finetuned").eval()
+    raw = ChipStore.open("data/chips/bigearthnet.zarr", modalities=["s2"], split="test", normalize=False)
+    norm = ChipStore.open("data/chips/bigearthnet.zarr", modalities=["s2"], split="test",
+                          normalization=model.encoder.config.normalization)
+    idx = list(range(min(4, len(raw))))
+    with torch.no_grad():
+        want = torch.sigmoid(model({"s2": collate([norm[i] for i in idx])["s2"]})).numpy()
+    served = mlflow.pyfunc.load_model(f"models:/mapex-{app}@champion")
+    got = served.predict({"s2": collate([raw[i] for i in idx])["s2"].numpy()})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rerun_is_cached_and_registers_nothing(project: Path) -> None:
+    from flows.pipeline import retrain
+    from mapex_core import tracking
+
+    outs = sorted(Path("outputs").rglob("*.safetensors")) + [Path("reports/landcover-s2/evaluation.json")]
+    before = {p: p.stat().st_mtime_ns for p in outs}
+    rows = retrain(params="params.yaml", fetch_samples=False)
+    states = latest_task_states(STAGES)
+    assert states == dict.fromkeys(STAGES, "Cached"), states
+    assert {p: p.stat().st_mtime_ns for p in outs} == before
+    assert [r["version"] for r in rows] == ["1", "1"]
+    for app in APPS:
+        assert [v["version"] for v in tracking.registry_state(app)["versions"]] == ["1"]
+
+
+def test_one_app_changed_reruns_only_its_stages_and_failed_gate_keeps_champion(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    from flows.pipeline import retrain
+
+    set_params(project, "applications.landcover-s1.finetune.steps", 5)
+    set_params(project, "applications.landcover-s1.gate", {"max_params": 1000})
+    assert set(dvc_status(project)) == {"prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}
+    rows = {r["app"]: r for r in retrain(params="params.yaml", fetch_samples=False)}
+    states = latest_task_states(STAGES)
+    assert {s for s, st in states.items() if st != "Cached"} == {
+        "prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}, states
+    assert dvc_status(project) == {}
+    s1 = rows["landcover-s1"]
+    assert (s1["version"], s1["decision"], s1["champion"]) == ("2", "failed", "1")
+    assert any("parameters" in r and "> max 1000" in r for r in s1["reasons"])
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("mapex-landcover-s1", "champion").version) == "1"
+    v2 = client.get_model_version_by_alias("mapex-landcover-s1", "challenger")
+    assert str(v2.version) == "2" and v2.tags["gate.decision"] == "failed" and v2.tags["gate.compared_to"] == "1"
+    assert rows["landcover-s2"]["version"] == "1"
+
+
+def test_dvc_stage_command_reproduces_the_flow_output(project: Path) -> None:
+    """The flow and `dvc repro` run the same command: forcing the DVC stage rewrites identical weights."""
+    model = Path("outputs/apps/landcover-s2/pruned/model.safetensors")
+    before = sha(model)
+    run(["dvc", "repro", "-f", "-s", "prune@landcover-s2"], project)
+    assert sha(model) == before
+    assert "prune@landcover-s2" not in dvc_status(project)
+
+
+def test_dvc_push_and_pull_with_the_default_local_remote(project: Path) -> None:
+    import shutil
+
+    run(["dvc", "push", "-q"], project)
+    assert (project / ".dvc_remote" / "files" / "md5").is_dir()
+    model = Path("outputs/apps/landcover-s2/pruned/model.safetensors")
+    want = sha(model)
+    shutil.rmtree(".dvc/cache")
+    shutil.rmtree(model.parent)
+    run(["dvc", "pull", "-q"], project)
+    assert sha(model) == want
+    assert dvc_status(project) == {}
+
+
+def test_promote_by_hand_is_recorded(project: Path) -> None:
+    out = run(["mapex", "promote", "--app", "landcover-s1", "--version", "2", "--reason", "reviewed maps"], project)
+    assert json.loads(out.stdout)["champion"] == "2"
+    reg = json.loads(run(["mapex", "registry", "--app", "landcover-s1"], project).stdout)
+    v2 = next(v for v in reg["versions"] if v["version"] == "2")
+    assert reg["champion"] == "2" and v2["promotion"] == "manual" and v2["gate.decision"] == "failed"
+    bad = run(["mapex", "promote", "--app", "landcover-s1", "--version", "9"], project, check=False)
+    assert bad.returncode == 1 and "has no version '9'; versions: [1, 2]" in bad.stderr
+
+
+def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pipeline import retrain
+    from mapex_core import tracking
+
+    bad = run(["mapex", "retrain", "--no-samples", "--app", "no-such-app"], project, check=False)
+    assert bad.returncode == 1 and "unknown application(s) ['no-such-app']" in bad.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    unreachable = run(["mapex", "retrain", "--no-samples"], project, check=False)
+    assert unreachable.returncode == 1 and "http://127.0.0.1:9 is unreachable" in unreachable.stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # a corrupted pre-trained checkpoint: pruning fails naming the file
+    weights = Path("outputs/pretrain/model.safetensors")
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    broken = run(["mapex", "prune", "--app", "landcover-s2"], project, check=False)
+    assert broken.returncode == 1
+    assert "outputs/pretrain/model.safetensors is not a readable safetensors file" in broken.stderr
+    # the flow sees the output differs from dvc.lock, re-runs pre-training (same weights), and the
+    # downstream stages stay cached: nothing new is registered
+    versions = {a: len(tracking.registry_state(a)["versions"]) for a in APPS}
+    retrain(params="params.yaml", fetch_samples=False)
+    assert weights.read_bytes() == good
+    states = latest_task_states(STAGES)
+    assert states["pretrain"] == "Completed" and states["prune@landcover-s2"] == "Cached", states
+    tracking.configure()
+    assert {a: len(tracking.registry_state(a)["versions"]) for a in APPS} == versions
