@@ -39,7 +39,7 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 # stages are cached, so a second `make demo` takes seconds; `dvc push` copies data and models to
 # the local DVC remote (.dvc_remote/).
 demo: setup
-	$(MAPEX) retrain --params params.yaml
+	$(MAPEX) retrain
 	$(DVC) push -q
 	@echo "DVC: every stage recorded in dvc.lock ('$(DVC) status' is clean; '$(DVC) repro' finds it up to date)."
 

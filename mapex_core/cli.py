@@ -450,45 +450,6 @@ def _tracking() -> Any:
 
 
 @app.command()
-def retrain(
-    app_names: list[str] = typer.Option(None, "--app", help="Application(s) to retrain; repeat for several "
-                                        "(default: pipeline.apps of params.yaml)."),
-    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml of the pipeline."),
-    samples: bool = typer.Option(True, help="Fetch the sample imagery first (--no-samples for your own data)."),
-    dask: str = typer.Option(None, help="Ingest on Dask: 'local' (a local cluster) or a scheduler address "
-                             "(tcp://host:8786)."),
-) -> None:
-    """Run the `retrain` Prefect flow: ingest -> validate -> pretrain -> per app prune -> finetune ->
-    evaluate -> register in MLflow + promotion gate. Unchanged stages are skipped (cached).
-
-    Runs locally with no server (Prefect ephemeral API, MLflow sqlite store under mlflow/, DVC);
-    records every stage in dvc.lock, so `dvc repro` afterwards finds the pipeline up to date.
-    """
-    from mapex_core import tracking
-    from mapex_core.stages import pipeline_apps
-
-    try:
-        names = pipeline_apps(params, list(app_names or []))
-        tracking.configure()
-    except (FileNotFoundError, ValueError, tracking.TrackingError) as exc:
-        _fail(str(exc))
-    from flows.pipeline import retrain as retrain_flow
-    from flows.pipeline import summary_markdown
-
-    try:
-        rows = retrain_flow(apps=names, params=str(params), fetch_samples=samples, ingest_on_dask=dask)
-    except (FileNotFoundError, ValueError, tracking.TrackingError) as exc:
-        _fail(str(exc))
-    typer.echo(summary_markdown(rows))
-    typer.echo("Where to look:\n"
-               f"  MLflow UI         mlflow/server.sh  (then http://127.0.0.1:5000; store {tracking.tracking_uri()})\n"
-               "  reports           reports/<app>/evaluation.json, reports/validation/*/data_docs/index.html\n"
-               "  models            outputs/pretrain/, outputs/apps/<app>/{pruned,finetuned}/\n"
-               "  lineage           dvc.lock (dvc status / dvc repro / dvc push)\n"
-               "  Prefect runs      prefect flow-run ls (PREFECT_HOME=.prefect); artifact 'retrain-summary'")
-
-
-@app.command()
 def promote(
     app_name: str = typer.Option(..., "--app", help="Application name."),
     version: str = typer.Option(..., help="Registered model version to make champion."),
@@ -515,33 +476,6 @@ def registry(app_name: str = typer.Option(..., "--app", help="Application name."
                                                                 "promotion", "git_sha", "dvc_hash")},
                                "gate.reasons": json.loads(v["tags"].get("gate.reasons", "[]"))}
                               for v in state["versions"]]})
-
-
-@app.command()
-def deploy(
-    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml (pipeline.schedule / pipeline.timezone)."),
-    cron: str = typer.Option(None, help="Cron of the scheduled retrain (default: pipeline.schedule, weekly)."),
-    timezone: str = typer.Option(None, help="Time zone of the schedule (default: pipeline.timezone)."),
-    serve: bool = typer.Option(False, help="Run the schedules from this process instead of work pools "
-                               "(blocks; no worker needed)."),
-) -> None:
-    """Register the Prefect deployments against the server in PREFECT_API_URL: `retrain` on a cron
-    schedule on work pool `cpu`, pre-training on work pool `gpu` (see README: workers, Kubernetes)."""
-    import os
-
-    if not os.environ.get("PREFECT_API_URL"):
-        _fail("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and "
-              "export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from flows import deployments
-
-    try:
-        if serve:
-            deployments.serve(str(params), cron, timezone)
-            return
-        _print_json({"deployments": deployments.deploy(str(params), cron, timezone)})
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo("Start workers: `prefect worker start --pool cpu` (and `--pool gpu` on the GPU machine).", err=True)
 
 
 @app.command()
@@ -575,7 +509,7 @@ def info(path: Path = typer.Argument(..., help="A model directory or a chip stor
 
 
 def main() -> None:
-    """Entry point of the ``mapex`` console script.
+    """Run the ``mapex`` command (the console script adds the flow commands: :mod:`flows.cli`).
 
     A transient failure (an I/O error other than a missing or forbidden path, a timeout, a lost
     connection) exits with status 75 (EX_TEMPFAIL) so orchestrators know a retry may help.

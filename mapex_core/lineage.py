@@ -2,8 +2,10 @@
 
 DVC is the record of what produced what: ``stage_key`` hashes a ``dvc.yaml`` stage's command,
 dependencies (DVC content hashes, computed by DVC with its own state cache) and params, which is
-what the flows key their task cache on; ``commit_stage`` records the outputs a flow produced in
-``dvc.lock``, so ``dvc repro`` afterwards finds the pipeline up to date.
+what the flows key their task cache on; ``stage_changed`` is ``dvc status`` for one stage;
+``run_stage`` runs the stage's command; ``commit_stage`` records the outputs in ``dvc.lock``, so
+``dvc repro`` afterwards finds the pipeline up to date. Operations wait while another process
+holds DVC's repo lock.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,19 +92,32 @@ def stage_key(name: str, root: str | Path = ".") -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def outputs_changed(name: str, root: str | Path = ".") -> bool:
-    """Whether stage ``name``'s outputs are missing or differ from those ``dvc.lock`` records for it.
+def _retry_locked(fn: Callable[[], Any], timeout: float = 300.0) -> Any:
+    """Call ``fn``, waiting while another process holds DVC's repo lock (``LockError``)."""
+    from dvc.lock import LockError
 
-    Dependencies are not checked (the stage key covers them); this is what makes a cached stage
-    run again when its outputs were deleted or modified by hand.
-    """
-    with _repo(root) as repo:
-        stage = _stage(repo, name)
-        if not all((Path(root) / str(o.def_path)).exists() for o in stage.outs):
-            return True
-        with repo.lock:
-            status = stage.status()
-    return any("changed outs" in entry for entry in status.get(name, []) if isinstance(entry, dict))
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except LockError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def stage_changed(name: str, root: str | Path = ".") -> bool:
+    """Whether ``dvc status`` reports stage ``name`` (never recorded, changed dependencies or params,
+    outputs missing or different from ``dvc.lock``)."""
+    def status() -> dict[str, Any]:
+        with _repo(root) as repo:
+            stage = _stage(repo, name)
+            with repo.lock:
+                return stage.status()
+
+    return bool(_retry_locked(status))
 
 
 class StageFailed(RuntimeError):
@@ -125,7 +141,8 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
     Raises:
         StageFailed: non-zero exit, with the end of its standard error.
     """
-    cmd = stage_inputs(name, root)["cmd"]
+    with _repo(root) as repo:
+        cmd = _stage(repo, name).cmd
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if log is not None:
@@ -142,10 +159,13 @@ def commit_stage(name: str, root: str | Path = ".") -> dict[str, str]:
     Returns:
         The DVC hash of each output.
     """
-    with _repo(root) as repo:
-        repo.commit(name, force=True)
-        stage = _stage(repo, name)
-        return {str(o.def_path): (o.hash_info.value if o.hash_info else "") for o in stage.outs}
+    def commit() -> dict[str, str]:
+        with _repo(root) as repo:
+            repo.commit(name, force=True)
+            stage = _stage(repo, name)
+            return {str(o.def_path): (o.hash_info.value if o.hash_info else "") for o in stage.outs}
+
+    return _retry_locked(commit)
 
 
 def output_hash(path: str | Path, root: str | Path = ".") -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mapex_core.apps import NAME
 from mapex_core.params import load_params
 
 RAW_DIR = Path("data/raw")
@@ -86,6 +87,9 @@ def load_datasets(params: str | Path | dict[str, Any] | None = "params.yaml") ->
         unknown = sorted(set(entry) - known)
         if unknown:
             raise ValueError(f"{source}: dataset {name!r} has unknown key(s) {unknown}; known: {sorted(known)}")
+        if not NAME.match(str(name)):
+            raise ValueError(f"{source}: dataset name {name!r} must match {NAME.pattern} (it names DVC stages "
+                             "and report folders)")
         if Path(entry["out"]).name != f"{name}.zarr":
             raise ValueError(f"{source}: dataset {name!r}: 'out' must be a chip store named {name}.zarr, "
                              f"got {entry['out']!r}")
@@ -117,7 +121,24 @@ def load_pipeline(params: str | Path | dict[str, Any] | None = "params.yaml") ->
     bad = [a for a in p.apps if a not in apps]
     if bad:
         raise ValueError(f"{source}: pipeline.apps names unknown application(s) {bad}; registered: {sorted(apps)}")
+    elsewhere = [a for a in p.apps if a not in (data.get("applications") or {})]
+    if elsewhere:
+        raise ValueError(f"{source}: pipeline.apps {elsewhere} must be defined in this file's 'applications' "
+                         "(dvc.yaml's stages track that section), not in applications.yaml")
     return p
+
+
+def check_params_file(params: str | Path) -> None:
+    """The pipeline (``dvc.yaml``) reads ``./params.yaml``: refuse any other file, and a folder without ``dvc.yaml``.
+
+    Raises:
+        ValueError: ``params`` is not ``./params.yaml`` or the current folder has no ``dvc.yaml``.
+    """
+    if Path(params).resolve() != Path("params.yaml").resolve():
+        raise ValueError(f"the pipeline reads ./params.yaml (dvc.yaml's stages do), not {params}; edit params.yaml "
+                         "or run from the project folder that holds it")
+    if not Path("dvc.yaml").is_file():
+        raise ValueError(f"{Path.cwd()} has no dvc.yaml: run the pipeline from the project folder")
 
 
 def pipeline_apps(params: str | Path | dict[str, Any] = "params.yaml", apps: list[str] | None = None) -> list[str]:
@@ -137,6 +158,10 @@ def pipeline_apps(params: str | Path | dict[str, Any] = "params.yaml", apps: lis
     unknown = [a for a in apps if a not in known]
     if unknown:
         raise ValueError(f"unknown application(s) {unknown}; registered: {sorted(known)}")
+    elsewhere = [a for a in apps if a not in (data.get("applications") or {})]
+    if elsewhere:
+        raise ValueError(f"application(s) {elsewhere} are not defined in {source} 'applications' (dvc.yaml's stages "
+                         "track that section only); move them there to run them in the pipeline")
     outside = [a for a in apps if a not in p.apps]
     if outside:
         raise ValueError(f"application(s) {outside} are not in pipeline.apps of {source} {p.apps}: the pipeline "
@@ -239,7 +264,7 @@ def prune_stage(app: str, params: str | Path = "params.yaml", device: str | None
     from mapex_core.training.prune import prune_app
 
     application = get_application(app, params)
-    return prune_app(application, PRETRAIN_DIR, _chips(application), app_paths(app).pruned,
+    return prune_app(application, PRETRAIN_DIR, _chips(application), app_paths(application.name).pruned,
                      device=device or load_pipeline(params).device)
 
 
@@ -249,7 +274,7 @@ def finetune_stage(app: str, params: str | Path = "params.yaml", device: str | N
     from mapex_core.training.finetune import finetune_app
 
     application = get_application(app, params)
-    paths = app_paths(app)
+    paths = app_paths(application.name)
     return finetune_app(application, paths.pruned, _chips(application), paths.finetuned,
                         device=device or load_pipeline(params).device)
 
@@ -260,7 +285,7 @@ def evaluate_stage(app: str, params: str | Path = "params.yaml", device: str | N
     from mapex_core.training.finetune import evaluate_app
 
     application = get_application(app, params)
-    paths = app_paths(app)
+    paths = app_paths(application.name)
     report = evaluate_app(application, paths.finetuned, _chips(application), paths.evaluation,
                           device=device or load_pipeline(params).device, pretrained=PRETRAIN_DIR)
     _write_json(paths.metrics, summary_metrics(report))
@@ -284,16 +309,16 @@ def _chips(application: Any) -> Path:
     return Path(application.chips)
 
 
-def stage_summary(stage: str, root: Path = Path(".")) -> dict[str, Any]:
+def stage_summary(stage: str) -> dict[str, Any]:
     """A small JSON summary of DVC stage ``stage``'s outputs (what the flows report and cache)."""
     kind, _, name = stage.partition("@")
 
     def read(path: Path) -> dict[str, Any]:
-        return json.loads((root / path).read_text())
+        return json.loads(Path(path).read_text())
 
     if kind in ("ingest", "validate"):
         v = read(REPORTS_DIR / "validation" / name / "validation.json")
-        return {"dataset": name, "out": get_dataset(name, root / "params.yaml").out,
+        return {"dataset": name, "out": get_dataset(name, "params.yaml").out,
                 **{k: v.get(k) for k in ("chips", "success", "failed_share")}, "quarantined": len(v.get("quarantine", []))}
     if kind == "pretrain":
         m = read(PRETRAIN_DIR / "metrics.json")

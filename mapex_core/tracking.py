@@ -20,6 +20,7 @@ import fcntl
 import getpass
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -130,7 +131,12 @@ def file_sha256(path: str | Path) -> str:
 
 @contextmanager
 def registry_lock(root: str | Path = ".") -> Iterator[None]:
-    """An exclusive lock (``mlflow/registry.lock``) around alias moves of this project's registry."""
+    """An exclusive lock (``mlflow/registry.lock``) around alias moves of this project's registry.
+
+    It serialises retrains of one project folder on one machine (the local and the sqlite case).
+    Workers on several machines sharing a tracking server need a shared folder for it (or one
+    worker per pool that registers).
+    """
     path = Path(root) / STORE_DIR / "registry.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -204,7 +210,9 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
     sha = file_sha256(d / "model.safetensors")
     client = MlflowClient()
     found = _existing_version(client, PRETRAINED_MODEL, sha)
-    if found is not None:
+    if found is not None:  # these weights again (e.g. params reverted): make them current again
+        with registry_lock(root):
+            client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, str(found.version))
         return {"run_id": found.run_id, "version": str(found.version), "new": False}
     metrics = json.loads((d / "metrics.json").read_text())
     config = json.loads((d / "config.json").read_text())
@@ -212,24 +220,41 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
     tags = {"mapex.stage": "pretrain", "mapex.git_sha": git, "mapex.modalities": ",".join(config["modalities"]),
             "mapex.params": str(metrics["parameters"]),
             "mapex.dvc_hash": ",".join(f"{Path(p).name}={h}" for p, h in chips.items())}
-    with mlflow.start_run(experiment_id=exp.experiment_id, run_name="pretrain", tags=tags) as run:
-        mlflow.log_params(_flatten("", {k: v for k, v in params.items() if k in ("model", "pretrain")}, {}))
-        for i, step in enumerate(metrics["steps"]):
-            mlflow.log_metrics({k: metrics[k][i] for k in ("loss", "recon_loss", "aux_loss", "lr")}, step=step)
-        mlflow.log_metrics({"tokens_per_s": metrics["tokens_per_s"], "samples_per_s": metrics["samples_per_s"],
-                            "parameters": metrics["parameters"]}
-                           | {f"specialisation.{m}": v for m, v in metrics["specialisation"].items()})
-        for name in ("config.json", "metrics.json", "routing_stats.json", "loss.csv"):
-            if (d / name).is_file():
-                mlflow.log_artifact(str(d / name), artifact_path="pretrain")
-        for path, digest in chips.items():
-            _log_dataset(path, digest, "pretraining")
-        ver = _log_pyfunc("encoder", d, ("config.json", "model.safetensors"), PRETRAINED_MODEL)
-        for k, v in {"model_sha256": sha, "run_id": run.info.run_id, "git_sha": git}.items():
-            client.set_model_version_tag(PRETRAINED_MODEL, ver, k, v)
-        with registry_lock(root):
-            client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
+    ver: str | None = None
+    try:
+        with mlflow.start_run(experiment_id=exp.experiment_id, run_name="pretrain", tags=tags) as run:
+            ver = _log_pretrain_run(d, params, metrics, chips)
+            for k, v in {"model_sha256": sha, "run_id": run.info.run_id, "git_sha": git}.items():
+                client.set_model_version_tag(PRETRAINED_MODEL, ver, k, v)
+            with registry_lock(root):
+                client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
+    except BaseException:
+        _delete_version(client, PRETRAINED_MODEL, ver)
+        raise
     return {"run_id": run.info.run_id, "version": ver, "new": True}
+
+
+def _delete_version(client: MlflowClient, name: str, ver: str | None) -> None:
+    """Remove a version whose registration did not complete (nothing half-registered)."""
+    if ver is not None:
+        with suppress(MlflowException):
+            client.delete_model_version(name, ver)
+
+
+def _log_pretrain_run(d: Path, params: dict[str, Any], metrics: dict[str, Any], chips: dict[str, str | None]) -> str:
+    """Params, curves, artifacts, inputs and the model of the active pre-training run; returns the version."""
+    mlflow.log_params(_flatten("", {k: v for k, v in params.items() if k in ("model", "pretrain")}, {}))
+    for i, step in enumerate(metrics["steps"]):
+        mlflow.log_metrics({k: metrics[k][i] for k in ("loss", "recon_loss", "aux_loss", "lr")}, step=step)
+    mlflow.log_metrics({"tokens_per_s": metrics["tokens_per_s"], "samples_per_s": metrics["samples_per_s"],
+                        "parameters": metrics["parameters"]}
+                       | {f"specialisation.{m}": v for m, v in metrics["specialisation"].items()})
+    for name in ("config.json", "metrics.json", "routing_stats.json", "loss.csv"):
+        if (d / name).is_file():
+            mlflow.log_artifact(str(d / name), artifact_path="pretrain")
+    for path, digest in chips.items():
+        _log_dataset(path, digest, "pretraining")
+    return _log_pyfunc("encoder", d, ("config.json", "model.safetensors"), PRETRAINED_MODEL)
 
 
 def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, Any], evaluation: dict[str, Any],
@@ -301,9 +326,7 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
                 client.set_model_version_tag(name, ver, k, v)
             decision = apply_gate(app, ver, root=root)
     except BaseException:
-        if ver is not None:
-            with suppress(MlflowException):
-                client.delete_model_version(name, ver)
+        _delete_version(client, name, ver)
         raise
     return {"run_id": run.info.run_id, "version": ver, "new": True} | decision
 
@@ -313,8 +336,13 @@ def gate_decision(app: Any, candidate: dict[str, Any], champion: dict[str, Any] 
     ``params``, ``latency_ms``. Returns (passed, reasons)."""
     g = app.gate
     reasons, ok = [], True
+    if not math.isfinite(candidate["value"]):
+        return False, [f"{candidate['metric']} is {candidate['value']}: not a finite value"]
+    if champion is not None and not math.isfinite(champion["value"]):
+        champion = None
+        reasons.append("champion has no finite metric value: not compared")
     if champion is None:
-        reasons.append("no champion yet")
+        reasons = reasons or ["no champion yet"]
     elif champion["metric"] != candidate["metric"]:
         reasons.append(f"champion v{champion['version']} was measured with {champion['metric']}, "
                        f"not {candidate['metric']}: metric not compared")
@@ -412,6 +440,7 @@ def promote(app: str, ver: str, reason: str = "", root: str | Path = ".") -> dic
         raise ValueError(f"no registered model {name!r} (application {app!r} has no versions yet)")
     if not str(ver).isdigit() or int(ver) not in versions:
         raise ValueError(f"{name} has no version {ver!r}; versions: {versions}")
+    ver = str(int(ver))
     with registry_lock(root):
         previous = _alias_version(client, name, CHAMPION)
         client.set_registered_model_alias(name, CHAMPION, str(ver))

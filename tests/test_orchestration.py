@@ -112,6 +112,15 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     # the registered champion serves the same predictions as the fine-tuned model in process
     _check_pyfunc_matches("landcover-s2")
     assert tracking.registry_state("landcover-s2")["champion"] == "1"
+    # the flow run's markdown artifact: one row per application
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        art = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"])))[0]
+    for app in APPS:
+        row = next(line for line in art.data.splitlines() if line.startswith(f"| {app} |"))
+        assert "v1 (challenger, champion)" in row and "map_macro" in row and "fewer)" in row
 
 
 def _check_pyfunc_matches(app: str) -> None:
@@ -215,6 +224,12 @@ def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, monke
     unreachable = run(["mapex", "retrain", "--no-samples"], project, check=False)
     assert unreachable.returncode == 1 and "http://127.0.0.1:9 is unreachable" in unreachable.stderr
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # an application whose modality the pre-trained model lacks
+    Path("sar_optical_l1c.yaml").write_text("name: l1c\nmodalities: [s2l1c]\ntask: multilabel\nmetric: map_macro\n"
+                                            "chips: data/chips/bigearthnet.zarr\n")
+    lacking = run(["mapex", "prune", "--app", "sar_optical_l1c.yaml"], project, check=False)
+    assert lacking.returncode == 1
+    assert "needs modalities ['s2l1c'] that the pre-trained model lacks; the model takes ['s1', 's2']" in lacking.stderr
     # a corrupted pre-trained checkpoint: pruning fails naming the file
     weights = Path("outputs/pretrain/model.safetensors")
     good = weights.read_bytes()

@@ -248,12 +248,12 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
                          balance_weight=0.0 if pruned else encoder.config.balance_loss_weight)
     out = Path(out)
     save_task_model(model, out)
-    summary = {"app": app.name, "metric": app.metric, "seed": seed, "seconds": round(time.perf_counter() - t0, 2),
-               "parameters": model.num_parameters(), "history": history}
+    summary = {"app": app.name, "metric": app.metric, "seed": seed, "parameters": model.num_parameters(),
+               "history": history}
     tmp = out / "finetune.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json.dumps(summary, indent=2))  # no timings in the file: re-running gives the same bytes
     os.replace(tmp, out / "finetune.json")
-    return summary
+    return summary | {"seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _variant_report(model: TaskModel, app: Application, outputs: list[np.ndarray], targets: np.ndarray,
