@@ -20,6 +20,7 @@ a lost connection are retried with exponential backoff; bad input and bugs are n
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 from typing import Any
 
@@ -31,6 +32,7 @@ from prefect.tasks import exponential_backoff
 from mapex_core import lineage, stages
 
 PARAMS = "params.yaml"  # the project's params file: dvc.yaml's stages read this one
+WORKERS = 2  # datasets / applications processed at once; each stage process gets cores // WORKERS threads
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
 
 
@@ -53,7 +55,8 @@ def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache key of a stage task: the DVC stage's command, dependency hashes and params."""
+    """Prefect cache key of a stage task: the DVC stage's command, dependency hashes and params
+    (not ``threads``: it changes the speed, not the result)."""
     stage = parameters["stage"]
     return f"mapex-{stage}-{lineage.stage_key(stage)}"
 
@@ -62,19 +65,24 @@ RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor
          "retry_condition_fn": _retry_if_transient}
 
 
+def stage_threads(concurrent: int) -> int:
+    """CPU threads for each of ``concurrent`` stage processes running at once (no oversubscription)."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrent))
+
+
 @task(name="stage", task_run_name="{stage}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", **RETRY)
-def stage_task(stage: str) -> dict[str, Any]:
+def stage_task(stage: str, threads: int | None = None) -> dict[str, Any]:
     """Run DVC stage ``stage``'s command, record its outputs in ``dvc.lock``, return its summary."""
-    lineage.run_stage(stage, log=get_run_logger().info)
+    lineage.run_stage(stage, log=get_run_logger().info, threads=threads)
     lineage.commit_stage(stage)
     return stages.stage_summary(stage)
 
 
-def run_stage(stage: str) -> dict[str, Any]:
+def run_stage(stage: str, threads: int | None = None) -> dict[str, Any]:
     """Run :func:`stage_task` now (its upstream stages are done): from the cache when DVC finds the
     stage up to date and a cache record exists, else for real (refreshing the record)."""
-    return stage_task.with_options(refresh_cache=lineage.stage_changed(stage))(stage)
+    return stage_task.with_options(refresh_cache=lineage.stage_changed(stage))(stage, threads)
 
 
 @task(name="samples", cache_policy=None, **RETRY)
@@ -85,9 +93,9 @@ def samples_task() -> dict[str, Any]:
 
 
 @task(name="dataset", task_run_name="dataset-{dataset}", cache_policy=None)
-def dataset_chain(dataset: str) -> dict[str, Any]:
+def dataset_chain(dataset: str, threads: int | None = None) -> dict[str, Any]:
     """Ingest then validate one dataset (runs on the flow's task runner: threads or Dask workers)."""
-    return {"ingest": run_stage(f"ingest@{dataset}"), "validate": run_stage(f"validate@{dataset}")}
+    return {"ingest": run_stage(f"ingest@{dataset}", threads), "validate": run_stage(f"validate@{dataset}", threads)}
 
 
 @task(name="track-pretrain", cache_policy=None, **RETRY)
@@ -112,11 +120,12 @@ def register_task(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) 
 
 
 @task(name="application", task_run_name="application-{app}", cache_policy=None)
-def app_chain(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) -> dict[str, Any]:
+def app_chain(app: str, pretrain_run: dict[str, Any], params: str = PARAMS,
+              threads: int | None = None) -> dict[str, Any]:
     """prune -> finetune -> evaluate -> register + gate for one application; its summary row."""
-    prune = run_stage(f"prune@{app}")
-    run_stage(f"finetune@{app}")
-    metrics = run_stage(f"evaluate@{app}")
+    prune = run_stage(f"prune@{app}", threads)
+    run_stage(f"finetune@{app}", threads)
+    metrics = run_stage(f"evaluate@{app}", threads)
     return summary_row(app, prune, metrics, register_task(app, pretrain_run, params), params)
 
 
@@ -147,12 +156,12 @@ def _gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, BaseExce
     return done, failed
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS))
 def ingest_flow(datasets: list[str] | None = None, params: str = PARAMS) -> dict[str, Any]:
     """Ingest and validate datasets (default: all of ``params``' ``datasets``) concurrently on the task runner."""
     stages.check_params_file(params)
     names = datasets or list(stages.load_datasets(params))
-    done, failed = _gather({d: dataset_chain.submit(d) for d in names})
+    done, failed = _gather({d: dataset_chain.submit(d, stage_threads(min(WORKERS, len(names)))) for d in names})
     if failed:
         name, exc = next(iter(failed.items()))
         raise exc if len(failed) == 1 else RuntimeError(f"datasets {sorted(failed)} failed; {name}: {exc}")
@@ -204,7 +213,7 @@ class AppsFailed(RuntimeError):
         self.failed, self.rows = failed, rows
 
 
-@flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS))
 def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: bool = True,
             ingest_on_dask: str | None = None) -> list[dict[str, Any]]:
     """The weekly job: samples -> ingest -> validate -> pretrain -> per app (concurrently)
@@ -231,7 +240,8 @@ def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: 
     ingest(params=params)
     run_stage("pretrain")
     pretrain_run = track_pretrain_task(params)
-    done, failed = _gather({a: app_chain.submit(a, pretrain_run, params) for a in names})
+    threads = stage_threads(min(WORKERS, len(names)))
+    done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
     rows = [done[a] for a in names if a in done]
     create_markdown_artifact(summary_markdown(rows, pretrain_run, failed), key="retrain-summary",
                              description="MAPEX retrain: per-application models")

@@ -129,11 +129,18 @@ class StageFailed(RuntimeError):
         self.transient = returncode == 75
 
 
-def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | None = None) -> str:
+def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | None = None,
+              threads: int | None = None) -> str:
     """Run DVC stage ``name``'s command (a ``mapex`` command) in ``root``, as ``dvc repro`` would.
 
     The command runs in its own process (its own RNG, memory and GPU context), with this
-    interpreter's ``bin`` folder first on ``PATH``.
+    interpreter's ``bin`` folder first on ``PATH``. It is split like a shell would split it but run
+    without a shell: ``dvc.yaml`` commands here are single ``mapex`` calls (no ``&&`` or pipes).
+
+    Args:
+        threads: CPU threads of the command (``OMP_NUM_THREADS``) when several stages run at once:
+            two 2-thread torch processes on 2 cores run 2.5x slower than two 1-thread ones
+            (measured; see BENCHMARKS.md). A value the user set in the environment wins.
 
     Returns:
         The command's standard output.
@@ -145,6 +152,8 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
         cmd = _stage(repo, name).cmd
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, threads))
     if log is not None:
         log(f"{name}: {cmd}")
     proc = subprocess.run(shlex.split(cmd), cwd=root, env=env, capture_output=True, text=True, check=False)

@@ -40,6 +40,43 @@ def test_deployments_have_schedule_pools_and_parameters(prefect_harness, tmp_pat
         deploy("params.yaml", cron="61 * * * *")
 
 
+def test_deploy_serve_runs_the_schedules_from_one_process(prefect_harness, tmp_path: Path) -> None:
+    """`mapex deploy --serve` against a real Prefect API: both deployments become ready, served by it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--serve", "--cron", "15 2 * * 3"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, status = time.monotonic() + 90, {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            with get_client(sync_client=True) as client:
+                try:
+                    served = [client.read_deployment_by_name(n) for n in ("retrain/scheduled-retrain",
+                                                                           "pretrain/pretrain-gpu")]
+                except Exception:  # noqa: BLE001 - not registered yet
+                    served = []
+            status = {d.name: d.status.value if d.status else None for d in served}
+            if served and all(v == "READY" for v in status.values()) and served[0].schedules and \
+                    served[0].schedules[0].schedule.cron == "15 2 * * 3":
+                break
+            time.sleep(1)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert status == {"scheduled-retrain": "READY", "pretrain-gpu": "READY"}, status
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_ingest_flow_on_a_local_dask_cluster(prefect_harness, ben_root: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from dvc.repo import Repo
@@ -71,3 +108,13 @@ def test_transient_failures_are_retried_bugs_are_not() -> None:
     assert is_transient(sqlite3.OperationalError("database is locked"))
     for exc in (ValueError("x"), KeyError("k"), TypeError("t"), FileNotFoundError("f"), PermissionError("p")):
         assert not is_transient(exc)
+
+
+def test_retry_condition_reads_the_failed_state() -> None:
+    from prefect.states import Failed
+
+    from flows.pipeline import _retry_if_transient
+    from mapex_core.lineage import StageFailed
+
+    assert _retry_if_transient(None, None, Failed(data=StageFailed("pretrain", "mapex pretrain", 75, "")))
+    assert not _retry_if_transient(None, None, Failed(data=ValueError("bad params")))

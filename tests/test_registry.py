@@ -141,6 +141,8 @@ def test_concurrent_registrations_do_not_corrupt_the_registry(store: Path) -> No
         p.start()
     for p in procs:
         p.join(120)
+        if p.is_alive():
+            p.terminate()
     assert [p.exitcode for p in procs] == [0, 0]
     versions = {v["version"]: v for v in tracking.registry_state("demo")["versions"]}
     assert set(versions) == {"1", "2"}
