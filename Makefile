@@ -58,6 +58,7 @@ bench: setup
 	$(PY) bench/ingest.py
 	$(PY) bench/prune.py
 	$(PY) bench/apps.py
+	$(PY) bench/stage_threads.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
