@@ -479,6 +479,43 @@ def registry(app_name: str = typer.Option(..., "--app", help="Application name."
 
 
 @app.command()
+def serve(
+    app_name: str = typer.Option(..., "--app", help="Application name (serves registered model mapex-APP)."),
+    alias: str = typer.Option("champion", help="Registry alias to serve (champion, challenger, ...)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; the default keeps it on this machine."),
+    port: int = typer.Option(5001, min=1, max=65535, help="Port."),
+    workers: int = typer.Option(1, min=1, help="Server worker processes."),
+) -> None:
+    """Serve mapex-APP@ALIAS over REST (`mlflow models serve`, local env): POST /invocations.
+
+    Request: {"inputs": {"s2": [[...]]}} with one (B, C, H, W) array of physical values per
+    modality of the app; response: {"predictions": {"probabilities" | "mask": ..., "classes": [...]}}.
+    A request that breaks the input contract gets HTTP 400 with what was expected.
+    """
+    import os
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", app_name):
+        _fail(f"invalid application name {app_name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", alias):
+        _fail(f"invalid alias {alias!r}")
+    tracking = _tracking()
+    try:
+        version = tracking.model_version_for(app_name, alias)
+    except ValueError as exc:
+        _fail(str(exc))
+    uri = tracking.tracking_uri()
+    typer.echo(f"serving mapex-{app_name}@{alias} (version {version}) on http://{host}:{port}/invocations "
+               f"(store {uri})", err=True)
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    # mlflow runs `uvicorn` from PATH: this environment's bin folder first
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    os.execve(mlflow_bin, [mlflow_bin, "models", "serve", "-m", f"models:/mapex-{app_name}@{alias}",
+                           "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers)], env)
+
+
+@app.command()
 def info(path: Path = typer.Argument(..., help="A model directory or a chip store.")) -> None:
     """Describe a model directory (config, parameters) or a chip store (chips, splits, bands)."""
     if (path / "config.json").is_file():

@@ -179,7 +179,8 @@ def _existing_version(client: MlflowClient, name: str, sha: str) -> Any | None:
     return None
 
 
-def _log_pyfunc(artifact_key: str, model_dir: Path, files: tuple[str, ...], registered: str) -> str:
+def _log_pyfunc(artifact_key: str, model_dir: Path, files: tuple[str, ...], registered: str,
+                metadata: dict[str, Any] | None = None) -> str:
     """Log the model in ``model_dir`` as a models-from-code pyfunc and register it; returns the version."""
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "mapex_pyfunc.py"
@@ -189,7 +190,8 @@ def _log_pyfunc(artifact_key: str, model_dir: Path, files: tuple[str, ...], regi
         for name in files:
             (weights / name).write_bytes((model_dir / name).read_bytes())
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={artifact_key: str(weights)},
-                                       pip_requirements=pip_requirements(), registered_model_name=registered)
+                                       pip_requirements=pip_requirements(), registered_model_name=registered,
+                                       metadata=metadata)
     return str(info.registered_model_version)
 
 
@@ -316,7 +318,8 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
             mlflow.log_artifact(str(d / "config.json"), artifact_path="reports")
             if lineage.get("chips"):
                 _log_dataset(lineage["chips"], lineage.get("dvc_hash"), "finetuning")
-            ver = _log_pyfunc("task_model", d, ("config.json", "task.json", "model.safetensors"), name)
+            ver = _log_pyfunc("task_model", d, ("config.json", "task.json", "model.safetensors"), name,
+                              metadata={"mapex_contract": task_contract(d)})
             vtags = {"model_sha256": sha, "run_id": run.info.run_id, "app": app.name, "metric": app.metric,
                      "metric_value": repr(float(pruned["value"])), "params": str(pruned["params"]),
                      "latency_ms": repr(float(pruned["latency_ms"])),
@@ -329,6 +332,32 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
         _delete_version(client, name, ver)
         raise
     return {"run_id": run.info.run_id, "version": ver, "new": True} | decision
+
+
+def task_contract(model_dir: str | Path) -> dict[str, Any]:
+    """The input contract (:class:`~mapex_core.contract.InputContract`) of the task model in ``model_dir``."""
+    from mapex_core.contract import InputContract
+    from mapex_core.model.heads import load_task_model
+
+    return InputContract.of(load_task_model(model_dir)).to_dict()
+
+
+def model_version_for(app: str, alias: str) -> str:
+    """The version of ``mapex-<app>`` that ``alias`` points to.
+
+    Raises:
+        ValueError: no such registered model or alias (lists the aliases that exist).
+    """
+    client = MlflowClient()
+    name = registered_name(app)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise ValueError(f"no registered model {name!r}: run `mapex retrain` for application {app!r} first") from exc
+    aliases = dict(model.aliases or {})
+    if alias not in aliases:
+        raise ValueError(f"{name} has no alias {alias!r}; aliases: {aliases or 'none'}")
+    return str(aliases[alias])
 
 
 def gate_decision(app: Any, candidate: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
@@ -467,51 +496,78 @@ def registry_state(app: str) -> dict[str, Any]:
 
 
 class MapexPyfunc(PythonModel):
-    """MLflow pyfunc of a MAPEX model loaded from safetensors + JSON.
+    """MLflow pyfunc of a MAPEX model loaded from safetensors + JSON, with its input contract.
 
-    Input: a dict modality -> array ``(B, C, H, W)`` of physical values (S2 reflectance x 1e4, S1 dB);
-    normalisation is applied inside with the model's statistics. Output: class probabilities
-    ``(B, K)`` (classification) or ``(B, K, H, W)`` (segmentation); for the pre-trained encoder,
-    the mean-pooled encoder tokens ``(B, dim)``.
+    Input (``{"inputs": {...}}`` over REST): a dict modality -> array ``(B, C, H, W)`` of physical
+    values (S2 reflectance x 1e4, S1 dB) in the band order of :mod:`mapex_core.modalities`;
+    normalisation is applied inside with the model's statistics
+    (:class:`~mapex_core.contract.InputContract`). A request that breaks the contract raises an
+    ``MlflowException`` (HTTP 400) saying what was expected.
+
+    Output: ``{"probabilities": (B, K), "classes": [...]}`` for classification;
+    ``{"mask": (B, H, W), "classes": [...]}`` for segmentation (``params={"output":
+    "probabilities"}`` gives ``(B, K, H, W)`` instead); ``{"embeddings": (B, dim)}`` (mean-pooled
+    encoder tokens) for ``mapex-pretrained``.
     """
 
     # predict takes a dict of arrays: no type-hint schema (MLflow would read hints as rows and warn)
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
+        from mapex_core.contract import InputContract
         from mapex_core.model import load_model
         from mapex_core.model.heads import load_task_model
 
         if "task_model" in context.artifacts:
             self.model = load_task_model(context.artifacts["task_model"])
-            self.config = self.model.encoder.config
+            self.contract = InputContract.of(self.model)
         else:
             self.model = load_model(context.artifacts["encoder"])
-            self.config = self.model.config
+            self.contract = None
         self.model.eval()
 
-    def _tensors(self, model_input: dict[str, Any]) -> dict[str, Any]:
-        import torch
+    def _bad_request(self, msg: str) -> MlflowException:
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        norm = self.config.normalization or {}
+        return MlflowException(msg, error_code=INVALID_PARAMETER_VALUE)
+
+    def _encoder_inputs(self, model_input: Any) -> dict[str, np.ndarray]:
+        cfg = self.model.config
+        if not isinstance(model_input, dict) or not model_input or set(model_input) - set(cfg.modalities):
+            raise self._bad_request(f"inputs must be an object with some of the modalities {cfg.modalities}")
         out = {}
         for m, x in model_input.items():
-            a = np.asarray(x, dtype=np.float32)
-            if m in norm:
-                mean = np.asarray(norm[m]["mean"], np.float32)[:, None, None]
-                std = np.asarray(norm[m]["std"], np.float32)[:, None, None]
-                a = (a - mean) / std
-            out[m] = torch.from_numpy(np.nan_to_num(a, nan=0.0))
+            a = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+            if a.ndim != 4 or a.shape[1] != cfg.in_chans[m]:
+                raise self._bad_request(f"{m}: expected (B, {cfg.in_chans[m]}, H, W), got {tuple(a.shape)}")
+            norm = (cfg.normalization or {}).get(m)
+            out[m] = a if norm is None else ((a - np.asarray(norm["mean"], np.float32)[:, None, None])
+                                             / np.asarray(norm["std"], np.float32)[:, None, None])
         return out
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: MLflow reads hints as a schema
         import torch
 
-        inputs = self._tensors(model_input)
+        from mapex_core.contract import ContractError
+
+        if self.contract is None:
+            arrays = self._encoder_inputs(model_input)
+            with torch.inference_mode():
+                tokens = self.model.encode({m: torch.from_numpy(a) for m, a in arrays.items()}).tokens
+            return {"embeddings": tokens.mean(1).numpy()}
+        try:
+            arrays = self.contract.normalize(self.contract.validate(model_input))
+        except ContractError as exc:
+            raise self._bad_request(str(exc)) from None
+        output = (params or {}).get("output", "default")
+        if output not in ("default", "probabilities"):
+            raise self._bad_request(f"params.output must be 'default' or 'probabilities', got {output!r}")
         with torch.inference_mode():
-            if not hasattr(self.model, "task"):
-                return self.model.encode(inputs).tokens.mean(1).numpy()
-            logits = self.model(inputs).float()
-            if self.model.task == "multilabel":
-                return torch.sigmoid(logits).numpy()
-            return torch.softmax(logits, dim=1).numpy()
+            logits = self.model({m: torch.from_numpy(a) for m, a in arrays.items()}).float()
+        classes = self.contract.classes
+        if self.model.task == "multilabel":
+            return {"probabilities": torch.sigmoid(logits).numpy(), "classes": classes}
+        probs = torch.softmax(logits, dim=1)
+        if self.model.task == "segmentation" and output == "default":
+            return {"mask": probs.argmax(1).numpy().astype(np.int32), "classes": classes}
+        return {"probabilities": probs.numpy(), "classes": classes}

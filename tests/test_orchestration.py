@@ -140,7 +140,85 @@ def _check_pyfunc_matches(app: str) -> None:
         want = torch.sigmoid(model({"s2": collate([norm[i] for i in idx])["s2"]})).numpy()
     served = mlflow.pyfunc.load_model(f"models:/mapex-{app}@champion")
     got = served.predict({"s2": collate([raw[i] for i in idx])["s2"].numpy()})
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
+    assert got["classes"] == model.class_names and len(got["classes"]) == 19
+    meta = served.metadata.metadata["mapex_contract"]
+    assert meta["modalities"] == ["s2"] and meta["bands"]["s2"][:3] == ["B01", "B02", "B03"]
+    assert meta["chip_size"] == 64 and meta["normalization"]["s2"] == model.encoder.config.normalization["s2"]
+
+
+def test_serve_champion_over_rest(project: Path) -> None:
+    """`mapex serve`: a real server process; real chips; the contract's 4xx errors; it stays up."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    from mapex_core.data.chips import ChipStore, collate
+    from mapex_core.model.heads import load_task_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", "landcover-s2", "--port", str(port)],
+                            cwd=project, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body: bytes) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+        raw = ChipStore.open("data/chips/bigearthnet.zarr", modalities=["s2"], split="test", normalize=False)
+        chips = collate([raw[i] for i in range(4)])["s2"].numpy()
+        model = load_task_model("outputs/apps/landcover-s2/finetuned").eval()
+        norm = ChipStore.open("data/chips/bigearthnet.zarr", modalities=["s2"], split="test",
+                              normalization=model.encoder.config.normalization)
+        with torch.no_grad():
+            want = torch.sigmoid(model({"s2": collate([norm[i] for i in range(4)])["s2"]})).numpy()
+        good = json.dumps({"inputs": {"s2": chips.tolist()}}).encode()
+        status, body = post(good)
+        assert status == 200
+        np.testing.assert_allclose(np.asarray(body["predictions"]["probabilities"]), want, atol=1e-4)
+        assert body["predictions"]["classes"] == model.class_names
+        nan = chips.copy()
+        nan[0, 0, 0, 0] = np.nan
+        bad = {
+            "wrong modality": ({"inputs": {"s1": chips[:, :2].tolist()}}, "takes modalities ['s2']; unknown: ['s1']"),
+            "band count": ({"inputs": {"s2": chips[:, :10].tolist()}}, "expected shape (B, 12, 64, 64)"),
+            "chip shape": ({"inputs": {"s2": chips[:, :, :32, :32].tolist()}}, "got (4, 12, 32, 32)"),
+            "NaN": ({"inputs": {"s2": nan.tolist()}}, "NaN or infinite"),  # json writes a NaN literal
+            "oversized": ({"inputs": {"s2": np.repeat(chips[:1], 65, 0).tolist()}}, "exceeds the limit of 64"),
+        }
+        for what, (payload, msg) in bad.items():
+            status, body = post(json.dumps(payload).encode())
+            assert 400 <= status < 500 and msg in body.get("message", ""), (what, status, body)
+        status, _ = post(b'{"inputs": {"s2": [[[')
+        assert 400 <= status < 500
+        assert post(good)[0] == 200  # still up and answering
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_rerun_is_cached_and_registers_nothing(project: Path) -> None:

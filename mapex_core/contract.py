@@ -1,0 +1,105 @@
+"""The input contract of a served MAPEX task model: what a client sends and what it gets back.
+
+A client sends, per modality the model takes, an array ``(B, C, H, W)`` of physical values in the
+band order of :mod:`mapex_core.modalities` (Sentinel-2 reflectance x 1e4, Sentinel-1 backscatter
+in dB); normalisation happens here, with the statistics the model was trained with. Every way a
+request can be wrong gets a :class:`ContractError` that says what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mapex_core.modalities import MODALITIES
+
+MAX_CHIPS = 64  # chips per request: larger payloads are refused (use `mapex predict` for scenes)
+
+
+class ContractError(ValueError):
+    """A request that does not fit the model's input contract."""
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """Modalities, bands, chip size, normalisation, task and classes of a task model."""
+
+    modalities: list[str]
+    bands: dict[str, list[str]]
+    units: dict[str, str]
+    chip_size: int
+    patch_size: int
+    dtype: str
+    normalization: dict[str, dict[str, list[float]]]
+    task: str
+    classes: list[str]
+    max_chips: int = MAX_CHIPS
+
+    @classmethod
+    def of(cls, model: Any) -> InputContract:
+        """The contract of a :class:`~mapex_core.model.heads.TaskModel`."""
+        cfg = model.encoder.config
+        mods = list(model.modalities)
+        return cls(modalities=mods, bands={m: MODALITIES[m].band_names for m in mods},
+                   units={m: MODALITIES[m].units for m in mods}, chip_size=cfg.img_size, patch_size=cfg.patch_size,
+                   dtype="float32", normalization={m: (cfg.normalization or {})[m] for m in mods
+                                                   if m in (cfg.normalization or {})},
+                   task=model.task, classes=list(model.class_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Check a request's inputs and return them as float32 arrays ``(B, C, H, W)``.
+
+        Raises:
+            ContractError: not a mapping, a missing or unknown modality, a wrong rank, band count
+                or chip size, differing batch sizes, non-numeric values, NaN/inf, or more than
+                ``max_chips`` chips.
+        """
+        if not isinstance(inputs, dict) or not inputs:
+            raise ContractError(f"inputs must be an object modality -> array (B, C, H, W); expected modalities "
+                                f"{self.modalities}")
+        unknown = sorted(set(inputs) - set(self.modalities))
+        missing = [m for m in self.modalities if m not in inputs]
+        if unknown or missing:
+            raise ContractError(f"this model takes modalities {self.modalities}; "
+                                + (f"unknown: {unknown}" if unknown else "") + ("; " if unknown and missing else "")
+                                + (f"missing: {missing}" if missing else ""))
+        out: dict[str, np.ndarray] = {}
+        batch = None
+        for m in self.modalities:
+            try:
+                a = np.asarray(inputs[m], dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise ContractError(f"{m}: values must be numbers in a (B, C, H, W) array ({exc})") from None
+            want = (len(self.bands[m]), self.chip_size, self.chip_size)
+            if a.ndim != 4 or a.shape[1:] != want:
+                raise ContractError(f"{m}: expected shape (B, {want[0]}, {want[1]}, {want[2]}) with bands "
+                                    f"{self.bands[m]} ({self.units[m]}), got {tuple(a.shape)}")
+            if batch is not None and a.shape[0] != batch:
+                raise ContractError(f"{m}: batch size {a.shape[0]} differs from the other modalities' {batch}")
+            batch = a.shape[0]
+            if batch == 0:
+                raise ContractError(f"{m}: empty batch")
+            if batch > self.max_chips:
+                raise ContractError(f"payload of {batch} chips exceeds the limit of {self.max_chips} per request; "
+                                    "split it, or map whole scenes with `mapex predict`")
+            if not np.isfinite(a).all():
+                raise ContractError(f"{m}: {int((~np.isfinite(a)).sum())} values are NaN or infinite; send "
+                                    "finite physical values (fill nodata before sending)")
+            out[m] = a
+        return out
+
+    def normalize(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Apply the model's per-band normalisation (what the chip store applied during training)."""
+        out = {}
+        for m, a in arrays.items():
+            if m in self.normalization:
+                mean = np.asarray(self.normalization[m]["mean"], np.float32)[:, None, None]
+                std = np.asarray(self.normalization[m]["std"], np.float32)[:, None, None]
+                a = (a - mean) / std
+            out[m] = a.astype(np.float32, copy=False)
+        return out

@@ -1,0 +1,46 @@
+"""The serving input contract (tiny real task model; shapes and messages)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mapex_core.contract import ContractError, InputContract
+
+
+@pytest.fixture(scope="module")
+def contract() -> InputContract:
+    from mapex_core.model import MapexConfig, MapexModel
+    from mapex_core.model.heads import TaskModel
+
+    cfg = MapexConfig(modalities=["s1", "s2"], img_size=32, patch_size=16, dim=16, depth=2, heads=2, moe_every=2,
+                      experts_per_modality=2, top_k=1,
+                      normalization={"s1": {"mean": [-12.0, -19.0], "std": [3.0, 4.0]},
+                                     "s2": {"mean": [1000.0] * 12, "std": [500.0] * 12}})
+    model = TaskModel(MapexModel(cfg, with_decoder=False), "segmentation", ["dry", "water"], head_channels=4,
+                      input_modalities=["s1"])
+    return InputContract.of(model)
+
+
+def test_contract_describes_the_model(contract: InputContract) -> None:
+    assert contract.modalities == ["s1"] and contract.bands == {"s1": ["VV", "VH"]}
+    assert contract.units["s1"] == "dB" and contract.chip_size == 32 and contract.classes == ["dry", "water"]
+    x = np.full((2, 2, 32, 32), -12.0, np.float32)
+    x[:, 1] = -19.0
+    norm = contract.normalize(contract.validate({"s1": x.tolist()}))
+    assert norm["s1"].dtype == np.float32 and np.abs(norm["s1"]).max() == 0.0
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ([1, 2], "inputs must be an object modality -> array"),
+    ({"s2": np.zeros((1, 12, 32, 32))}, "this model takes modalities ['s1']; unknown: ['s2']; missing: ['s1']"),
+    ({"s1": np.zeros((1, 3, 32, 32))}, "s1: expected shape (B, 2, 32, 32) with bands ['VV', 'VH'] (dB), got (1, 3, 32, 32)"),
+    ({"s1": np.zeros((2, 32, 32))}, "got (2, 32, 32)"),
+    ({"s1": [["a"]]}, "s1: values must be numbers"),
+    ({"s1": np.full((1, 2, 32, 32), np.inf)}, "2048 values are NaN or infinite"),
+    ({"s1": np.zeros((65, 2, 32, 32))}, "payload of 65 chips exceeds the limit of 64"),
+])
+def test_contract_errors_say_what_was_expected(contract: InputContract, inputs: object, message: str) -> None:
+    with pytest.raises(ContractError) as err:
+        contract.validate(inputs)
+    assert message in str(err.value)
