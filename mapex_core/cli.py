@@ -516,6 +516,51 @@ def serve(
 
 
 @app.command()
+def predict(
+    app_name: str = typer.Option(..., "--app", help="Application name (its registered model mapex-APP)."),
+    inputs: list[str] = typer.Option(..., "--input", help="MODALITY=PATH of a scene (GeoTIFF/COG/JP2, any CRS); "
+                                     "repeat for each modality the app takes."),
+    out: Path = typer.Option(..., help="Output GeoTIFF (Cloud Optimized), on the finest input's grid."),
+    alias: str = typer.Option("champion", help="Registry alias of the model to use."),
+    model: Path = typer.Option(None, help="A local task model folder instead of the registry "
+                               "(e.g. outputs/apps/APP/finetuned)."),
+    output: str = typer.Option("labels", help="labels (class ids, uint8) or probabilities (one band per class)."),
+    overlap: int = typer.Option(16, help="Pixels shared by neighbouring windows (blended)."),
+    batch_size: int = typer.Option(16, min=1, help="Windows per forward pass."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Map whole scenes: sliding windows with blended seams, written as a georeferenced COG.
+
+    Memory holds one row of windows at a time (it grows with the scene's width, not its height).
+    """
+    from mapex_core.model.heads import load_task_model
+    from mapex_core.predict import predict_scene
+
+    pairs = {}
+    for item in inputs:
+        mod, sep, path = item.partition("=")
+        if not sep or not mod or not path:
+            _fail(f"--input must be MODALITY=PATH, got {item!r}")
+        if mod in pairs:
+            _fail(f"--input {mod} given twice")
+        pairs[mod] = Path(path)
+    try:
+        if model is None:
+            tracking = _tracking()
+            model = tracking.download_task_model(app_name, alias)
+        task_model = load_task_model(model)
+        if task_model.info.get("app") not in (None, app_name):
+            _fail(f"{model} is a model of application {task_model.info.get('app')!r}, not {app_name!r}")
+        with _progress(quiet) as prog:
+            bar = prog.add_task("predict", total=None, info="")
+            summary = predict_scene(task_model, pairs, out, batch_size=batch_size, overlap=overlap, output=output,
+                                    progress=lambda d, t: prog.update(bar, completed=d, total=t, info="windows"))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _print_json(summary)
+
+
+@app.command()
 def info(path: Path = typer.Argument(..., help="A model directory or a chip store.")) -> None:
     """Describe a model directory (config, parameters) or a chip store (chips, splits, bands)."""
     if (path / "config.json").is_file():

@@ -360,6 +360,17 @@ def model_version_for(app: str, alias: str) -> str:
     return str(aliases[alias])
 
 
+def download_task_model(app: str, alias: str = CHAMPION, dst: str | Path | None = None) -> Path:
+    """Fetch the task model of ``mapex-<app>@<alias>`` (``config.json``, ``task.json``, safetensors); its folder."""
+    model_version_for(app, alias)  # clear error when the model or alias does not exist
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_name(app)}@{alias}",
+                                                dst_path=str(dst) if dst else None)
+    path = Path(local) / "artifacts" / "task_model"
+    if not (path / "task.json").is_file():
+        raise ValueError(f"{registered_name(app)}@{alias} holds no MAPEX task model (artifacts/task_model)")
+    return path
+
+
 def gate_decision(app: Any, candidate: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
     """The promotion rule, pure: ``candidate``/``champion`` hold ``version``, ``metric``, ``value``,
     ``params``, ``latency_ms``. Returns (passed, reasons)."""

@@ -112,6 +112,13 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     # the registered champion serves the same predictions as the fine-tuned model in process
     _check_pyfunc_matches("landcover-s2")
     assert tracking.registry_state("landcover-s2")["champion"] == "1"
+    # `mapex predict` takes the champion's task model from the registry
+    from safetensors.torch import load_file
+
+    fetched = tracking.download_task_model("landcover-s2", "champion", dst=project / "fetched")
+    want = load_file("outputs/apps/landcover-s2/finetuned/model.safetensors")
+    assert set(load_file(fetched / "model.safetensors")) == set(want)
+    assert sha(fetched / "model.safetensors") == sha(Path("outputs/apps/landcover-s2/finetuned/model.safetensors"))
     # the flow run's markdown artifact: one row per application
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

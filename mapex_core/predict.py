@@ -1,0 +1,191 @@
+"""Whole-scene inference: sliding windows over co-registered scenes, blended seams, a GeoTIFF (COG) out.
+
+The scene of the finest modality is the output grid; other modalities are warped onto it window
+by window (``WarpedVRT``, bilinear). Windows of the model's chip size step by ``chip - overlap``;
+each window's prediction is weighted by a ramp that falls linearly over the ``overlap`` pixels at
+its edges, and overlapping predictions are averaged with those weights, so seams do not show.
+Outside the overlaps a pixel sees exactly one window: there the output equals the chip-wise
+prediction. One row of windows is held at a time and written as soon as no later window touches
+it, so memory grows with the scene's width, not its height (and not its size overall).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import torch
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from mapex_core.contract import InputContract
+from mapex_core.modalities import MODALITIES
+
+GDAL_CACHE_MB = 64
+
+
+def window_offsets(size: int, chip: int, stride: int) -> list[int]:
+    """Start offsets covering ``size`` pixels with windows of ``chip`` (the last one flush with the edge)."""
+    if size < chip:
+        raise ValueError(f"the scene ({size} px) is smaller than one chip ({chip} px)")
+    offs = list(range(0, size - chip + 1, stride))
+    if offs[-1] != size - chip:
+        offs.append(size - chip)
+    return offs
+
+
+def blend_weights(chip: int, overlap: int) -> np.ndarray:
+    """``(chip, chip)`` weights: 1 inside, a linear ramp over ``overlap`` px at the edges (never 0)."""
+    ramp = np.ones(chip, np.float32)
+    if overlap > 0:
+        edge = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
+        ramp[:overlap] = edge
+        ramp[chip - overlap:] = edge[::-1]
+    return np.outer(ramp, ramp)
+
+
+def _open_inputs(inputs: dict[str, str | Path], contract: InputContract) -> tuple[dict[str, Any], Any]:
+    missing = [m for m in contract.modalities if m not in inputs]
+    extra = sorted(set(inputs) - set(contract.modalities))
+    if missing or extra:
+        raise ValueError(f"this model takes modalities {contract.modalities} (--input MODALITY=PATH for each); "
+                         + (f"missing: {missing}" if missing else "") + ("; " if missing and extra else "")
+                         + (f"not used by it: {extra}" if extra else ""))
+    srcs = {}
+    for m in contract.modalities:
+        path = Path(inputs[m])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found ({m} input)")
+        try:
+            src = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as exc:
+            raise ValueError(f"{path}: cannot read raster: {exc}") from exc
+        if src.crs is None:
+            raise ValueError(f"{path}: raster has no CRS")
+        if src.count != len(contract.bands[m]):
+            raise ValueError(f"{path}: {m} needs {len(contract.bands[m])} bands {contract.bands[m]}, found {src.count}")
+        srcs[m] = src
+    ref = min(srcs.values(), key=lambda s: abs(s.res[0] * s.res[1]))
+    return srcs, ref
+
+
+def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, batch_size: int = 16,
+                  overlap: int = 16, output: str = "labels",
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Map whole scenes with a task model; write a georeferenced COG.
+
+    Args:
+        model: a :class:`~mapex_core.model.heads.TaskModel` (eval mode is set here).
+        inputs: modality -> scene file (any CRS; each is warped onto the finest one's grid).
+        out: output GeoTIFF (Cloud Optimized); written atomically.
+        overlap: pixels shared by neighbouring windows (blended).
+        output: ``labels`` (one band of class ids, uint8; argmax of the blended probabilities) or
+            ``probabilities`` (one float32 band per class).
+        progress: callback ``(windows done, windows total)``.
+
+    Returns:
+        Summary: size, windows, classes, output path.
+    """
+    if output not in ("labels", "probabilities"):
+        raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    # GDAL's block cache would otherwise grow with the scene up to 5% of the machine's RAM
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _predict_scene(model, inputs, Path(out), batch_size, overlap, output, progress)
+
+
+def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_size: int, overlap: int,
+                   output: str, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    contract = InputContract.of(model)
+    chip = contract.chip_size
+    if not 0 <= overlap < chip // 2:
+        raise ValueError(f"overlap must be in [0, {chip // 2}) for {chip} px chips, got {overlap}")
+    srcs, ref = _open_inputs(inputs, contract)
+    height, width = ref.height, ref.width
+    readers = {m: (s if (s.crs == ref.crs and s.transform == ref.transform and s.shape == ref.shape)
+                   else WarpedVRT(s, crs=ref.crs, transform=ref.transform, width=width, height=height,
+                                  resampling=Resampling.bilinear, src_nodata=s.nodata, nodata=np.nan,
+                                  dtype="float32"))
+               for m, s in srcs.items()}
+    stride = chip - overlap
+    rows, cols = window_offsets(height, chip, stride), window_offsets(width, chip, stride)
+    n_classes = len(contract.classes)
+    weights = blend_weights(chip, overlap)
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "height": height, "width": width, "crs": ref.crs, "transform": ref.transform,
+               "count": 1 if output == "labels" else n_classes, "dtype": "uint8" if output == "labels" else "float32",
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+    total, done = len(rows) * len(cols), 0
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_tif = Path(tmp) / "scene.tif"
+        with rasterio.open(tmp_tif, "w", **profile) as dst:
+            # the rows [acc_top, acc_top + chip) of the output, still receiving window predictions
+            acc = np.zeros((n_classes, chip, width), np.float32)
+            wsum = np.zeros((chip, width), np.float32)
+            acc_top = 0
+            for r in rows:
+                shift = r - acc_top  # rows above r see no later window: final, write them and slide
+                if shift > 0:
+                    _write_rows(dst, acc[:, :shift], wsum[:shift], acc_top, output)
+                    acc = np.concatenate([acc[:, shift:], np.zeros((n_classes, shift, width), np.float32)], axis=1)
+                    wsum = np.concatenate([wsum[shift:], np.zeros((shift, width), np.float32)], axis=0)
+                    acc_top = r
+                for start in range(0, len(cols), batch_size):
+                    batch_cols = cols[start:start + batch_size]
+                    probs = _predict_windows(model, contract, readers, r, batch_cols, chip)  # (n, K, chip, chip)
+                    for c, p in zip(batch_cols, probs, strict=True):
+                        acc[:, :, c:c + chip] += p * weights
+                        wsum[:, c:c + chip] += weights
+                    done += len(batch_cols)
+                    if progress is not None:
+                        progress(done, total)
+            _write_rows(dst, acc[:, :height - acc_top], wsum[:height - acc_top], acc_top, output)
+        for s in srcs.values():
+            s.close()
+        cog = Path(tmp) / "scene.cog.tif"
+        rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE")
+        os.replace(cog, out)
+    return {"out": str(out), "height": height, "width": width, "crs": str(ref.crs), "windows": total,
+            "overlap": overlap, "output": output, "classes": contract.classes}
+
+
+def _write_rows(dst: Any, acc: np.ndarray, wsum: np.ndarray, top: int, output: str) -> None:
+    if acc.shape[1] == 0:
+        return
+    probs = acc / np.maximum(wsum, 1e-12)[None]
+    window = Window(0, top, acc.shape[2], acc.shape[1])
+    if output == "labels":
+        dst.write(probs.argmax(0).astype(np.uint8)[None], window=window)
+    else:
+        dst.write(probs.astype(np.float32), window=window)
+
+
+def _predict_windows(model: Any, contract: InputContract, readers: dict[str, Any], row: int, cols: list[int],
+                     chip: int) -> np.ndarray:
+    """Class probabilities ``(n, K, chip, chip)`` of the windows at ``row`` and ``cols``."""
+    arrays = {}
+    for m, rd in readers.items():
+        tiles = []
+        for c in cols:
+            a = rd.read(window=Window(c, row, chip, chip), out_dtype="float32", masked=True)
+            a = a.filled(np.nan)
+            nodata = MODALITIES[m].nodata
+            if nodata is not None and not np.isnan(nodata):
+                a[a == nodata] = np.nan
+            tiles.append(a)
+        arrays[m] = np.stack(tiles)
+    norm = contract.normalize(arrays)
+    with torch.inference_mode():
+        logits = model({m: torch.from_numpy(np.nan_to_num(a, nan=0.0)) for m, a in norm.items()}).float()
+    probs = torch.sigmoid(logits) if contract.task == "multilabel" else torch.softmax(logits, dim=1)
+    probs = probs.numpy()
+    if probs.ndim == 2:  # classification: the window's class probabilities cover the whole window
+        probs = np.broadcast_to(probs[:, :, None, None], (*probs.shape, chip, chip))
+    return probs

@@ -1,0 +1,158 @@
+"""Whole-scene inference on the real Sen1Floods11 scene chip (tiny untrained task models: the checks
+are about windows, blending, georeferencing and memory, not about accuracy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from tests.conftest import SHARED_DATA
+
+S1 = SHARED_DATA / "sen1floods11_sample" / "sample" / "S1" / "Spain_7370579_S1Hand.tif"
+S2 = SHARED_DATA / "sen1floods11_sample" / "sample" / "S2" / "Spain_7370579_S2Hand.tif"
+NORM = {"s1": {"mean": [-12.0, -19.0], "std": [3.0, 4.0]}, "s2l1c": {"mean": [1500.0] * 13, "std": [800.0] * 13}}
+
+
+def tiny(task: str = "segmentation", modalities: tuple[str, ...] = ("s1",)) -> torch.nn.Module:
+    from mapex_core.model import MapexConfig, MapexModel
+    from mapex_core.model.heads import TaskModel
+
+    torch.manual_seed(0)
+    cfg = MapexConfig(modalities=list(modalities), img_size=64, patch_size=8, dim=32, depth=2, heads=2, moe_every=2,
+                      experts_per_modality=2, top_k=1, normalization={m: NORM[m] for m in modalities})
+    classes = ["dry", "water"] if task == "segmentation" else ["a", "b", "c"]
+    return TaskModel(MapexModel(cfg, with_decoder=False), task, classes, head_channels=4,
+                     input_modalities=list(modalities)).eval()
+
+
+def chip_probs(model: torch.nn.Module, row: int, col: int) -> np.ndarray:
+    arrays = {}
+    for m, path in (("s1", S1), ("s2l1c", S2)):
+        if m in model.modalities:
+            with rasterio.open(path) as src:
+                a = src.read(window=rasterio.windows.Window(col, row, 64, 64), masked=True)
+                a = a.astype(np.float32).filled(np.nan)
+            n = NORM[m]
+            a = (a.astype(np.float32) - np.asarray(n["mean"], np.float32)[:, None, None]) / np.asarray(
+                n["std"], np.float32)[:, None, None]
+            arrays[m] = torch.from_numpy(np.nan_to_num(a)[None])
+    with torch.no_grad():
+        logits = model(arrays)
+    return (torch.sigmoid(logits) if model.task == "multilabel" else torch.softmax(logits, 1))[0].numpy()
+
+
+def test_interior_equals_chipwise_prediction_and_output_is_a_georeferenced_cog(tmp_path: Path) -> None:
+    from mapex_core.predict import predict_scene
+
+    model = tiny(modalities=("s1", "s2l1c"))
+    out = tmp_path / "probs.tif"
+    summary = predict_scene(model, {"s1": S1, "s2l1c": S2}, out, output="probabilities", overlap=16, batch_size=5)
+    assert summary["windows"] == 11 * 11 and summary["classes"] == ["dry", "water"]
+    with rasterio.open(out) as dst, rasterio.open(S1) as src:
+        assert dst.crs == src.crs and dst.transform == src.transform and dst.shape == src.shape
+        assert dst.count == 2 and dst.dtypes[0] == "float32"
+        assert dst.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        probs = dst.read()
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    # windows start every 48 px (the last one flush with the edge, at 448): the centre [16, 48) of
+    # each window before it is covered by that window alone
+    for row, col in ((48, 96), (240, 384), (0, 0)):
+        want = chip_probs(model, row, col)
+        got = probs[:, row + 16:row + 48, col + 16:col + 48]
+        np.testing.assert_allclose(got, want[:, 16:48, 16:48], atol=1e-5)
+    labels = tmp_path / "labels.tif"
+    predict_scene(model, {"s1": S1, "s2l1c": S2}, labels, overlap=16)
+    with rasterio.open(labels) as dst:
+        assert dst.count == 1 and dst.dtypes[0] == "uint8"
+        np.testing.assert_array_equal(dst.read(1), probs.argmax(0))
+
+
+def test_classification_models_map_window_probabilities(tmp_path: Path) -> None:
+    from mapex_core.predict import predict_scene
+
+    model = tiny("multilabel")
+    predict_scene(model, {"s1": S1}, tmp_path / "cls.tif", output="probabilities", overlap=0)
+    with rasterio.open(tmp_path / "cls.tif") as dst:
+        probs = dst.read()
+    assert probs.shape == (3, 512, 512)
+    np.testing.assert_allclose(probs[:, 64:128, 128:192], chip_probs(model, 64, 128)[:, None, None]
+                               * np.ones((1, 64, 64), np.float32), atol=1e-5)
+
+
+def test_missing_or_extra_modalities_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
+    from mapex_core.predict import predict_scene
+
+    model = tiny(modalities=("s1", "s2l1c"))
+    with pytest.raises(ValueError, match=r"takes modalities \['s1', 's2l1c'\] .*missing: \['s2l1c'\]"):
+        predict_scene(model, {"s1": S1}, tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=r"not used by it: \['s2'\]"):
+        predict_scene(model, {"s1": S1, "s2l1c": S2, "s2": S2}, tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=r"S1Hand.tif: s2l1c needs 13 bands"):
+        predict_scene(model, {"s1": S1, "s2l1c": S1}, tmp_path / "x.tif")
+    assert not (tmp_path / "x.tif").exists()
+
+
+def _tall_scene(path: Path, repeats: int) -> Path:
+    """The real S1 chip stacked ``repeats`` times vertically (a taller scene on the same grid)."""
+    with rasterio.open(S1) as src:
+        data, profile = src.read(), src.profile
+    profile.update(height=data.shape[1] * repeats, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        for i in range(repeats):
+            dst.write(data, window=rasterio.windows.Window(0, i * data.shape[1], data.shape[2], data.shape[1]))
+    return path
+
+
+RSS_SCRIPT = """
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[3])
+from tests.test_predict import tiny
+from mapex_core.predict import predict_scene
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+s = predict_scene(tiny(), {"s1": sys.argv[1]}, sys.argv[2], output="probabilities", batch_size=8)
+print(json.dumps({"windows": s["windows"], "before_kb": base,
+                  "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_scene_height(tmp_path: Path) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    runs = {}
+    for repeats in (2, 16):  # 1024 x 512 and 8192 x 512 pixels
+        scene = _tall_scene(tmp_path / f"tall{repeats}.tif", repeats)
+        res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(scene), str(tmp_path / f"p{repeats}.tif"), root],
+                             capture_output=True, text=True, check=True)
+        runs[repeats] = json.loads(res.stdout.strip().splitlines()[-1])
+    small, big = runs[2], runs[16]
+    assert big["windows"] > 7 * small["windows"]
+    # the 8x taller scene's probabilities alone would take 8192*512*2*4 B = 32 MiB more if held whole
+    assert big["peak_kb"] - small["peak_kb"] < 8 * 1024, runs
+
+
+def test_cli_predict_with_a_local_model(tmp_path: Path) -> None:
+    from mapex_core.model.heads import save_task_model
+
+    model = tiny()
+    model.info = {"app": "flood-s1"}
+    save_task_model(model, tmp_path / "model")
+    cmd = [sys.executable, "-m", "mapex_core.cli", "predict", "--app", "flood-s1", "--model", str(tmp_path / "model"),
+           "--out", str(tmp_path / "flood.tif"), "--quiet"]
+    res = subprocess.run([*cmd, "--input", f"s1={S1}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["windows"] == 121 and summary["output"] == "labels"
+    with rasterio.open(tmp_path / "flood.tif") as dst:
+        assert dst.count == 1 and set(np.unique(dst.read(1))) <= {0, 1}
+    bad = subprocess.run([*cmd, "--input", f"s1={S1}", "--input", f"s2={S2}"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not used by it: ['s2']" in bad.stderr
+    bad = subprocess.run([*cmd, "--input", str(S1)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--input must be MODALITY=PATH" in bad.stderr
+    other = subprocess.run([*cmd, "--input", f"s1={S1}", "--app", "landcover-s1"], capture_output=True, text=True)
+    assert other.returncode == 1 and "is a model of application 'flood-s1', not 'landcover-s1'" in other.stderr
