@@ -59,6 +59,7 @@ bench: setup
 	$(PY) bench/prune.py
 	$(PY) bench/apps.py
 	$(PY) bench/stage_threads.py
+	$(PY) bench/predict.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

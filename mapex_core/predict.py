@@ -134,14 +134,21 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
                 shift = r - acc_top  # rows above r see no later window: final, write them and slide
                 if shift > 0:
                     _write_rows(dst, acc[:, :shift], wsum[:shift], acc_top, output)
-                    acc = np.concatenate([acc[:, shift:], np.zeros((n_classes, shift, width), np.float32)], axis=1)
-                    wsum = np.concatenate([wsum[shift:], np.zeros((shift, width), np.float32)], axis=0)
+                    acc[:, :chip - shift] = acc[:, shift:].copy()  # slide in place, no new buffers
+                    acc[:, chip - shift:] = 0.0
+                    wsum[:chip - shift] = wsum[shift:].copy()
+                    wsum[chip - shift:] = 0.0
                     acc_top = r
+                strip = _read_strip(contract, readers, r, chip, width)  # modality -> (C, chip, W), normalised
                 for start in range(0, len(cols), batch_size):
                     batch_cols = cols[start:start + batch_size]
-                    probs = _predict_windows(model, contract, readers, r, batch_cols, chip)  # (n, K, chip, chip)
+                    probs = _predict_windows(model, contract, strip, batch_cols, chip)  # (n, K, chip, chip)
+                    if probs.flags.writeable:
+                        probs *= weights  # in place: no new buffer per window
+                    else:  # classification: a read-only broadcast view
+                        probs = probs * weights
                     for c, p in zip(batch_cols, probs, strict=True):
-                        acc[:, :, c:c + chip] += p * weights
+                        acc[:, :, c:c + chip] += p
                         wsum[:, c:c + chip] += weights
                     done += len(batch_cols)
                     if progress is not None:
@@ -167,23 +174,25 @@ def _write_rows(dst: Any, acc: np.ndarray, wsum: np.ndarray, top: int, output: s
         dst.write(probs.astype(np.float32), window=window)
 
 
-def _predict_windows(model: Any, contract: InputContract, readers: dict[str, Any], row: int, cols: list[int],
-                     chip: int) -> np.ndarray:
-    """Class probabilities ``(n, K, chip, chip)`` of the windows at ``row`` and ``cols``."""
+def _read_strip(contract: InputContract, readers: dict[str, Any], row: int, chip: int,
+                width: int) -> dict[str, np.ndarray]:
+    """The rows ``[row, row + chip)`` of every modality on the output grid, normalised, NaN -> 0 (one read each)."""
     arrays = {}
     for m, rd in readers.items():
-        tiles = []
-        for c in cols:
-            a = rd.read(window=Window(c, row, chip, chip), out_dtype="float32", masked=True)
-            a = a.filled(np.nan)
-            nodata = MODALITIES[m].nodata
-            if nodata is not None and not np.isnan(nodata):
-                a[a == nodata] = np.nan
-            tiles.append(a)
-        arrays[m] = np.stack(tiles)
-    norm = contract.normalize(arrays)
+        a = rd.read(window=Window(0, row, width, chip), out_dtype="float32", masked=True).filled(np.nan)
+        nodata = MODALITIES[m].nodata
+        if nodata is not None and not np.isnan(nodata):
+            a[a == nodata] = np.nan
+        arrays[m] = a
+    return {m: np.nan_to_num(a, nan=0.0) for m, a in contract.normalize(arrays).items()}
+
+
+def _predict_windows(model: Any, contract: InputContract, strip: dict[str, np.ndarray], cols: list[int],
+                     chip: int) -> np.ndarray:
+    """Class probabilities ``(n, K, chip, chip)`` of the windows at ``cols`` of a row strip."""
+    batch = {m: torch.from_numpy(np.stack([a[:, :, c:c + chip] for c in cols])) for m, a in strip.items()}
     with torch.inference_mode():
-        logits = model({m: torch.from_numpy(np.nan_to_num(a, nan=0.0)) for m, a in norm.items()}).float()
+        logits = model(batch).float()
     probs = torch.sigmoid(logits) if contract.task == "multilabel" else torch.softmax(logits, dim=1)
     probs = probs.numpy()
     if probs.ndim == 2:  # classification: the window's class probabilities cover the whole window
