@@ -44,3 +44,22 @@ def test_contract_errors_say_what_was_expected(contract: InputContract, inputs: 
     with pytest.raises(ContractError) as err:
         contract.validate(inputs)
     assert message in str(err.value)
+
+
+def test_compact_base64_arrays(contract: InputContract) -> None:
+    import base64
+
+    x = (np.arange(2 * 2 * 32 * 32, dtype=np.float32) % 7 - 20).reshape(2, 2, 32, 32)
+    packed = {"b64": base64.b64encode(x.astype("<f4").tobytes()).decode(), "shape": [2, 2, 32, 32]}
+    np.testing.assert_array_equal(contract.validate({"s1": packed})["s1"], x)
+    wrapped = np.empty((), dtype=object)  # how MLflow's server hands a JSON object over
+    wrapped[()] = dict(packed, dtype="float32")
+    np.testing.assert_array_equal(contract.validate({"s1": wrapped})["s1"], x)
+    as_int = {"b64": base64.b64encode(x.astype("<i2").tobytes()).decode(), "shape": [2, 2, 32, 32], "dtype": "int16"}
+    np.testing.assert_array_equal(contract.validate({"s1": as_int})["s1"], x)
+    for bad, msg in (({"b64": packed["b64"]}, "needs 'b64' and 'shape'"),
+                     (dict(packed, shape=[1, 2, 32, 32]), "bytes do not fill shape [1, 2, 32, 32]"),
+                     (dict(packed, dtype="complex64"), "dtype must be one of"),
+                     (dict(packed, b64="***"), "not valid base64")):
+        with pytest.raises(ContractError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            contract.validate({"s1": bad})

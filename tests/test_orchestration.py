@@ -208,6 +208,12 @@ def test_serve_champion_over_rest(project: Path) -> None:
         assert status == 200
         np.testing.assert_allclose(np.asarray(body["predictions"]["probabilities"]), want, atol=1e-4)
         assert body["predictions"]["classes"] == model.class_names
+        import base64
+
+        packed = {"b64": base64.b64encode(chips.astype("<f4").tobytes()).decode(), "shape": list(chips.shape)}
+        status, body = post(json.dumps({"inputs": {"s2": packed}}).encode())  # the compact form
+        assert status == 200
+        np.testing.assert_allclose(np.asarray(body["predictions"]["probabilities"]), want, atol=1e-4)
         nan = chips.copy()
         nan[0, 0, 0, 0] = np.nan
         bad = {
