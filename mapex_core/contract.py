@@ -102,14 +102,20 @@ class InputContract:
 
     def normalize(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Apply the model's per-band normalisation (what the chip store applied during training)."""
-        out = {}
-        for m, a in arrays.items():
-            if m in self.normalization:
-                mean = np.asarray(self.normalization[m]["mean"], np.float32)[:, None, None]
-                std = np.asarray(self.normalization[m]["std"], np.float32)[:, None, None]
-                a = (a - mean) / std
-            out[m] = a.astype(np.float32, copy=False)
-        return out
+        return normalize(arrays, self.normalization)
+
+
+def normalize(arrays: dict[str, np.ndarray], normalization: dict[str, dict[str, list[float]]] | None
+              ) -> dict[str, np.ndarray]:
+    """``(x - mean) / std`` per band of each ``(..., C, H, W)`` array whose modality has statistics; float32."""
+    out = {}
+    for m, a in arrays.items():
+        stats = (normalization or {}).get(m)
+        if stats is not None:
+            a = (a - np.asarray(stats["mean"], np.float32)[:, None, None]) / np.asarray(stats["std"], np.float32)[
+                :, None, None]
+        out[m] = np.asarray(a, dtype=np.float32)
+    return out
 
 
 def decode_array(name: str, value: dict[str, Any]) -> np.ndarray:

@@ -79,7 +79,7 @@ def stage_inputs(name: str, root: str | Path = ".") -> dict[str, Any]:
             else:
                 h = dep.get_hash()
                 deps[str(dep.def_path)] = h.value if h else None
-        return {"stage": name, "cmd": stage.cmd, "deps": deps, "outs": [str(o.def_path) for o in stage.outs]}
+        return {"stage": name, "cmd": stage.cmd, "deps": deps}
 
 
 def stage_key(name: str, root: str | Path = ".") -> str:
@@ -88,7 +88,6 @@ def stage_key(name: str, root: str | Path = ".") -> str:
     Equal keys mean DVC would consider the stage's inputs unchanged.
     """
     inputs = stage_inputs(name, root)
-    inputs.pop("outs")
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -25,7 +25,6 @@ from typing import Any
 from mapex_core.apps import NAME
 from mapex_core.params import load_params
 
-RAW_DIR = Path("data/raw")
 PRETRAIN_DIR = Path("outputs/pretrain")
 APPS_DIR = Path("outputs/apps")
 REPORTS_DIR = Path("reports")
@@ -194,13 +193,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # --- the stages -------------------------------------------------------------------------------------
 
-def samples_stage(dest: str | Path = RAW_DIR) -> dict[str, str]:
-    """Fetch the sample imagery (idempotent)."""
-    from mapex_core.data.samples import fetch_samples
-
-    return {k: str(v) for k, v in fetch_samples(dest).items()}
-
-
 def ingest_stage(dataset: str, params: str | Path = "params.yaml",
                  progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Ingest dataset ``dataset`` of ``params`` into its chip store (validated)."""
@@ -215,17 +207,6 @@ def ingest_stage(dataset: str, params: str | Path = "params.yaml",
     vp = section(ValidationParams, data, "validation", source=source)
     return ingest(ds.source, ds.out, layout=ds.layout, params=dp, validation=vp, reports_dir=REPORTS_DIR,
                   labels=ds.labels, label_attribute=ds.label_attribute, classes=ds.classes, progress=progress)
-
-
-def validate_stage(dataset: str, params: str | Path = "params.yaml") -> dict[str, Any]:
-    """Re-run the validation suite on dataset ``dataset``'s chip store; returns the report dict."""
-    from mapex_core.data.validation import ValidationParams, validate_store
-    from mapex_core.params import section
-
-    data, source = _params(params)
-    ds = get_dataset(dataset, data)
-    vp = section(ValidationParams, data, "validation", source=source)
-    return validate_store(ds.out, vp, REPORTS_DIR).to_dict()
 
 
 def pretrain_chips(params: str | Path | dict[str, Any] = "params.yaml") -> list[Path]:

@@ -546,15 +546,15 @@ class MapexPyfunc(PythonModel):
         cfg = self.model.config
         if not isinstance(model_input, dict) or not model_input or set(model_input) - set(cfg.modalities):
             raise self._bad_request(f"inputs must be an object with some of the modalities {cfg.modalities}")
-        out = {}
+        from mapex_core.contract import normalize
+
+        arrays = {}
         for m, x in model_input.items():
-            a = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+            a = np.asarray(x, dtype=np.float32)
             if a.ndim != 4 or a.shape[1] != cfg.in_chans[m]:
                 raise self._bad_request(f"{m}: expected (B, {cfg.in_chans[m]}, H, W), got {tuple(a.shape)}")
-            norm = (cfg.normalization or {}).get(m)
-            out[m] = a if norm is None else ((a - np.asarray(norm["mean"], np.float32)[:, None, None])
-                                             / np.asarray(norm["std"], np.float32)[:, None, None])
-        return out
+            arrays[m] = a
+        return {m: np.nan_to_num(a, nan=0.0) for m, a in normalize(arrays, cfg.normalization).items()}
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: MLflow reads hints as a schema
         import torch
