@@ -22,7 +22,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc_site_cache
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo mlflow-ui test test-all bench lint clean
+.PHONY: setup demo mlflow-ui dashboard test test-all test-browser browser-deps bench lint clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,22 @@ test: setup
 	$(PY) -m pytest -q
 
 test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "not browser"
+
+# The dashboard rendered in headless Chromium: Debian's chromium package (apt-get, as root or via sudo)
+# and Playwright (PyPI, pinned in requirements-browser.txt) driving it. The screenshot lands in
+# reports/browser/dashboard.png.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps: setup
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	$(PIP) -c constraints.txt -r requirements-browser.txt $(QUIET_PIP)
+
+test-browser: browser-deps
+	$(PY) -m pytest -q -m browser tests/test_dashboard_browser.py
+
+dashboard: setup
+	$(MAPEX) dashboard --out reports/dashboard
 
 bench: setup
 	$(PY) bench/moe.py

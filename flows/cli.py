@@ -55,6 +55,7 @@ def retrain(
     typer.echo("Where to look:\n"
                f"  MLflow UI       bash mlflow/server.sh, then http://127.0.0.1:5000 (store {tracking.tracking_uri()})\n"
                "  models          outputs/pretrain/, outputs/apps/<app>/{pruned,finetuned}/\n"
+               "  dashboard       reports/dashboard/index.html (open from disk, or `mapex dashboard --serve`)\n"
                "  reports         reports/<app>/evaluation.json, reports/validation/*/data_docs/index.html\n"
                "  lineage         dvc.lock (dvc status, dvc repro, dvc metrics show, dvc plots show, dvc push)\n"
                "  Prefect runs    PREFECT_HOME=.prefect prefect flow-run ls; artifact 'retrain-summary'")

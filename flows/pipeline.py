@@ -25,7 +25,7 @@ import sqlite3
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
@@ -117,6 +117,19 @@ def register_task(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) 
 
     tracking.configure()
     return tracking.register_app_from_outputs(app, params, pretrain_run)
+
+
+@task(name="dashboard", cache_policy=None)
+def dashboard_task(params: str = PARAMS) -> dict[str, Any]:
+    """Regenerate the team dashboard (``reports/dashboard/index.html``) and link it from a Prefect artifact."""
+    from pathlib import Path
+
+    from mapex_core.dashboard import DEFAULT_OUT, write_dashboard
+
+    summary = write_dashboard(DEFAULT_OUT, params=params)
+    create_link_artifact(key="mapex-dashboard", link=Path(summary["index"]).resolve().as_uri(),
+                         link_text="MAPEX dashboard: per-task models", description="Open from this machine's disk")
+    return summary
 
 
 @task(name="application", task_run_name="application-{app}", cache_policy=None)
@@ -243,7 +256,12 @@ def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: 
     threads = stage_threads(min(WORKERS, len(names)))
     done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
     rows = [done[a] for a in names if a in done]
-    create_markdown_artifact(summary_markdown(rows, pretrain_run, failed), key="retrain-summary",
+    try:
+        dash = dashboard_task(params)["index"]
+    except Exception as exc:  # the models are registered: report a broken page, do not fail the retrain for it
+        logger.error("dashboard not written: %s", exc)
+        dash = f"not written ({type(exc).__name__}: {exc})"
+    create_markdown_artifact(summary_markdown(rows, pretrain_run, failed, dash), key="retrain-summary",
                              description="MAPEX retrain: per-application models")
     logger.info("retrain finished: %s", ", ".join(f"{r['app']} v{r['version']} ({r['decision']})" for r in rows))
     if failed:
@@ -266,9 +284,15 @@ def summary_row(app: str, prune: dict[str, Any], metrics: dict[str, Any], reg: d
 
 
 def summary_markdown(rows: list[dict[str, Any]], pretrain_run: dict[str, Any] | None = None,
-                     failed: dict[str, BaseException] | None = None) -> str:
-    """The retrain summary as a markdown table."""
+                     failed: dict[str, BaseException] | None = None, dashboard: str | None = None) -> str:
+    """The retrain summary as a markdown table (with a link to the dashboard page when given)."""
     lines = ["# MAPEX retrain", ""]
+    if dashboard:
+        from pathlib import Path
+
+        page = Path(dashboard)
+        lines += [f"Dashboard: [{dashboard}]({page.resolve().as_uri()})" if page.suffix == ".html"
+                  else f"Dashboard: {dashboard}", ""]
     if pretrain_run:
         lines += [f"Pre-trained model: `mapex-pretrained` v{pretrain_run['version']} "
                   f"(MLflow run `{pretrain_run['run_id']}`)", ""]

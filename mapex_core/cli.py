@@ -590,6 +590,34 @@ def info(path: Path = typer.Argument(..., help="A model directory or a chip stor
     })
 
 
+
+@app.command()
+def dashboard(
+    out: Path = typer.Option(Path("reports/dashboard"), help="Folder of the static site (index.html, dashboard.json)."),
+    params: Path = typer.Option(None, help="params.yaml of the project (default: ./params.yaml)."),
+    serve: bool = typer.Option(False, "--serve", help="Then serve the folder over HTTP until Ctrl-C."),
+    host: str = typer.Option("127.0.0.1", help="Interface --serve binds; the default keeps it on this machine."),
+    port: int = typer.Option(8765, min=0, max=65535, help="Port of --serve (0: any free port)."),
+) -> None:
+    """Write the team dashboard: one card per application (champion, challenger, gate, size, lineage),
+    metric history, pruned vs unpruned vs scratch, expert-usage heatmaps, pre-training and data.
+
+    The page is self-contained (no CDN): open OUT/index.html from disk, or use --serve.
+    """
+    from mapex_core import tracking
+    from mapex_core.dashboard import serve_dashboard, write_dashboard
+
+    try:
+        summary = write_dashboard(out, params=params or DEFAULT_PARAMS)
+    except (ValueError, tracking.TrackingError) as exc:
+        _fail(str(exc))
+    _print_json(summary)
+    if serve:
+        try:
+            serve_dashboard(out, host=host, port=port)
+        except OSError as exc:
+            _fail(f"cannot serve on {host}:{port}: {exc}")
+
 def main() -> None:
     """Run the ``mapex`` command (the console script adds the flow commands: :mod:`flows.cli`).
 

@@ -506,6 +506,51 @@ def registry_state(app: str) -> dict[str, Any]:
             "challenger": _alias_version(client, name, CHALLENGER) if rows else None}
 
 
+def ui_base_url() -> str:
+    """Where the MLflow UI of this store is: the tracking server itself when it is one, else the address
+    ``mlflow/server.sh`` (``make mlflow-ui``) serves the project's store on."""
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def registry_history(apps: list[str]) -> dict[str, Any]:
+    """What the dashboard shows of the registry: per application, every version of ``mapex-<app>``
+    (newest first) with its tags, aliases and its run's metrics; plus ``mapex-pretrained``.
+
+    Returns:
+        ``{"ui": base URL, "experiment_id", "apps": {app: registry_state + per-version "metrics"},
+        "pretrained": {"version", "run_id", "metrics", "tags"} or None}``. A registry with no versions
+        yet gives empty lists, not an error.
+    """
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs: dict[str, dict[str, float]] = {}
+
+    def metrics_of(run_id: str | None) -> dict[str, float]:
+        if not run_id:
+            return {}
+        if run_id not in runs:
+            try:
+                runs[run_id] = dict(client.get_run(run_id).data.metrics)
+            except MlflowException:
+                runs[run_id] = {}
+        return runs[run_id]
+
+    out: dict[str, Any] = {"ui": ui_base_url(), "experiment_id": exp.experiment_id if exp else None, "apps": {}}
+    for app in apps:
+        state = registry_state(app)
+        for row in state["versions"]:
+            row["metrics"] = metrics_of(row["run_id"])
+        out["apps"][app] = state
+    try:
+        pre = client.get_model_version_by_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS)
+        out["pretrained"] = {"version": str(pre.version), "run_id": pre.run_id, "tags": dict(pre.tags),
+                             "metrics": metrics_of(pre.run_id)}
+    except MlflowException:
+        out["pretrained"] = None
+    return out
+
+
 class MapexPyfunc(PythonModel):
     """MLflow pyfunc of a MAPEX model loaded from safetensors + JSON, with its input contract.
 

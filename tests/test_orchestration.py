@@ -115,6 +115,15 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     # `mapex predict` takes the champion's task model from the registry
     from safetensors.torch import load_file
 
+    # the flow regenerated the dashboard and linked it from a Prefect artifact
+    dash = json.loads(Path("reports/dashboard/dashboard.json").read_text())
+    assert [a["name"] for a in dash["apps"]] == APPS and all(a["champion"] == "1" for a in dash["apps"])
+    assert Path("reports/dashboard/index.html").is_file()
+    from prefect import get_client
+
+    with get_client(sync_client=True) as pc:
+        link = pc.read_latest_artifacts()
+    assert any(a.key == "mapex-dashboard" and "reports/dashboard/index.html" in a.data for a in link)
     fetched = tracking.download_task_model("landcover-s2", "champion", dst=project / "fetched")
     want = load_file("outputs/apps/landcover-s2/finetuned/model.safetensors")
     assert set(load_file(fetched / "model.safetensors")) == set(want)
@@ -303,6 +312,30 @@ def test_promote_by_hand_is_recorded(project: Path) -> None:
     assert reg["champion"] == "2" and v2["promotion"] == "manual" and v2["gate.decision"] == "failed"
     bad = run(["mapex", "promote", "--app", "landcover-s1", "--version", "9"], project, check=False)
     assert bad.returncode == 1 and "has no version '9'; versions: [1, 2]" in bad.stderr
+
+
+def test_dashboard_shows_history_failed_gate_and_manual_promotion(project: Path) -> None:
+    """After a failed gate and a manual promotion: the page says who is champion and why."""
+    from tests.test_dashboard import Elements
+
+    out = json.loads(run(["mapex", "dashboard", "--out", "site"], project).stdout)
+    assert out["apps"] == APPS and out["versions"] == 3 and out["layers"] >= 1
+    data = json.loads(Path("site/dashboard.json").read_text())
+    s1 = next(a for a in data["apps"] if a["name"] == "landcover-s1")
+    assert (s1["champion"], s1["challenger"]) == ("2", "2")
+    v2, v1 = s1["versions"]
+    assert v2["aliases"] == ["challenger", "champion"] and v1["aliases"] == []
+    assert v2["gate"]["decision"] == "failed" and any("> max 1000" in r for r in v2["gate"]["reasons"])
+    assert v2["promotion"]["kind"] == "manual" and v2["promotion"]["reason"] == "reviewed maps"
+    assert v2["params"] < v2["params_full"] and v2["dvc_hash"] == v1["dvc_hash"]
+    assert s1["prune"]["kept_experts"] and s1["evaluation"]["pruned"]["value"] == v2["metric_value"]
+    page = Elements(Path("site/index.html").read_text())
+    text = " ".join(page.text)
+    assert "promoted by hand" in text and "reviewed maps" in text
+    assert len(page.find("svg", class_="heatmap")) == out["layers"]
+    assert {g["data-app"] for g in page.find("g", class_="kept")} == set(APPS)
+    docs = [a["href"] for a in page.find("a") if a["href"].endswith("data_docs/index.html")]
+    assert docs and (Path("site") / docs[0]).resolve().is_file()  # relative link: works from a file URL
 
 
 def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
