@@ -561,6 +561,52 @@ def predict(
 
 
 @app.command()
+def export(
+    app_name: str = typer.Option(..., "--app", help="Application name (its registered model mapex-APP)."),
+    fmt: str = typer.Option(..., "--format", help="onnx (runs on onnxruntime) or torch-export "
+                            "(a torch.export program, model.pt2)."),
+    out: Path = typer.Option(..., help="Output folder: the model file and item.json (a STAC item, MLM extension)."),
+    alias: str = typer.Option("champion", help="Registry alias of the model to export."),
+    model: Path = typer.Option(None, help="A local task model folder instead of the registry "
+                               "(e.g. outputs/apps/APP/finetuned)."),
+    force: bool = typer.Option(False, help="Write into a non-empty OUT, replacing the export files in it "
+                               "(model.onnx, model.pt2, item.json); other files are left alone."),
+) -> None:
+    """Export mapex-APP@ALIAS (or --model DIR) as ONNX or a torch.export program, with a STAC item.
+
+    The exported graph takes one (B, C, H, W) float32 array of physical values per modality (S2
+    reflectance x 1e4, S1 dB; normalisation is inside) and returns class probabilities: (B, K),
+    or (B, K, H, W) for segmentation. The batch size is free. item.json describes inputs, outputs,
+    classes and lineage (registered version, run, git SHA, DVC hash) with the STAC MLM extension.
+    """
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", app_name):
+        _fail(f"invalid application name {app_name!r} (lower-case letters, digits, '-' and '_')")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", alias):
+        _fail(f"invalid alias {alias!r}")
+    from mapex_core.export import FORMATS, check_out_dir, export_task_model
+
+    if fmt not in FORMATS:
+        _fail(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    try:
+        check_out_dir(out, force)  # before any download
+        if model is None:
+            tracking = _tracking()
+            lineage = tracking.version_lineage(app_name, alias)
+            model = tracking.download_task_model(app_name, alias)
+        else:
+            lineage = {"app": app_name, "source": str(model)}
+        task = json.loads((model / "task.json").read_text()) if (model / "task.json").is_file() else {}
+        if task.get("app") not in (None, app_name):
+            _fail(f"{model} is a model of application {task.get('app')!r}, not {app_name!r}")
+        summary = export_task_model(model, out, fmt, lineage, force=force)
+    except (FileNotFoundError, ValueError) as exc:  # ExportError is a ValueError
+        _fail(str(exc))
+    _print_json(summary)
+
+
+@app.command()
 def info(path: Path = typer.Argument(..., help="A model directory or a chip store.")) -> None:
     """Describe a model directory (config, parameters) or a chip store (chips, splits, bands)."""
     if (path / "config.json").is_file():

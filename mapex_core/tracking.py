@@ -360,6 +360,23 @@ def model_version_for(app: str, alias: str) -> str:
     return str(aliases[alias])
 
 
+def version_lineage(app: str, alias: str = CHAMPION) -> dict[str, Any]:
+    """Where ``mapex-<app>@<alias>`` came from, for exports: ``registered_model``, ``version``, ``alias``,
+    ``run_id``, ``git_sha``, ``dvc_hash``, ``model_sha256`` and ``created`` (ISO 8601, UTC).
+
+    Raises:
+        ValueError: no such registered model or alias.
+    """
+    from datetime import UTC, datetime
+
+    ver = model_version_for(app, alias)
+    v = MlflowClient().get_model_version(registered_name(app), ver)
+    created = datetime.fromtimestamp(v.creation_timestamp // 1000, UTC).isoformat() if v.creation_timestamp else None
+    return {"registered_model": registered_name(app), "version": str(ver), "alias": alias, "run_id": v.run_id,
+            "app": v.tags.get("app", app), "git_sha": v.tags.get("git_sha"), "dvc_hash": v.tags.get("dvc_hash"),
+            "model_sha256": v.tags.get("model_sha256"), "created": created}
+
+
 def download_task_model(app: str, alias: str = CHAMPION, dst: str | Path | None = None) -> Path:
     """Fetch the task model of ``mapex-<app>@<alias>`` (``config.json``, ``task.json``, safetensors); its folder."""
     model_version_for(app, alias)  # clear error when the model or alias does not exist

@@ -15,6 +15,10 @@ Read top to bottom:
    the tokens once in that order, run each expert on its contiguous slice, scale by the gates
    and scatter-add back into the token rows. The one host sync is the list of slice lengths. ``impl="loop"`` is the readable reference: for each
    expert, find its tokens and add its weighted output. Tests use the loop as the oracle.
+   ``impl="dense"`` is for export only (ONNX, ``torch.export``): every expert runs on every token
+   and a dense ``(N, E)`` gate matrix, zero for the experts a token did not choose, combines
+   them. It has no data-dependent shapes, so exporters trace it; it costs ``E / k`` times the
+   expert FLOPs, which is small for pruned models (few experts). Same result as the others.
 
 Expert weights are stacked: ``w1 (E, D, H)``, ``b1 (E, H)``, ``w2 (E, H, D)``, ``b2 (E, D)``.
 """
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMPLS = ("sorted", "loop")
+IMPLS = ("sorted", "loop", "dense")
 
 
 def _count(index: Tensor, size: int, dtype: torch.dtype) -> Tensor:
@@ -53,7 +57,8 @@ class MoELayer(nn.Module):
         top_k: experts per token.
         num_modalities: number of modalities M the routing bias has rows for.
         routing: ``"modality"`` or ``"standard"``.
-        impl: ``"sorted"`` (fast) or ``"loop"`` (reference); may be changed after construction.
+        impl: ``"sorted"`` (fast), ``"loop"`` (reference) or ``"dense"`` (export); may be changed
+            after construction.
         expert_groups: owner modality of each expert (``-1`` = shared); default equal groups.
         bias_init: initial routing bias of a modality towards its own group.
     """
@@ -199,6 +204,15 @@ class MoELayer(nn.Module):
                 start += n
         return y
 
+    def _dispatch_dense(self, x: Tensor, top_idx: Tensor, gates: Tensor) -> Tensor:
+        """Export path: all experts on all tokens, mixed by a dense gate matrix (no data-dependent shapes)."""
+        dense_gates = gates.new_zeros(x.shape[0], self.num_experts)  # (N, E)
+        dense_gates = dense_gates.scatter(1, top_idx, gates)  # (N, E): gate of chosen experts, 0 elsewhere
+        h = F.gelu(torch.matmul(x, self.w1) + self.b1.unsqueeze(1))  # (N, D) @ (E, D, H) -> (E, N, H)
+        out = torch.matmul(h, self.w2) + self.b2.unsqueeze(1)  # (E, N, H) @ (E, H, D) -> (E, N, D)
+        out = out * dense_gates.t().unsqueeze(-1).to(x.dtype)  # (E, N, D) * (E, N, 1)
+        return out.sum(dim=0)  # (N, D)
+
     def forward(self, x: Tensor, modality_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Route and run the experts.
 
@@ -226,6 +240,8 @@ class MoELayer(nn.Module):
             y = self._dispatch_sorted(x, top_idx, gates)
         elif self.impl == "loop":
             y = self._dispatch_loop(x, top_idx, gates)
+        elif self.impl == "dense":
+            y = self._dispatch_dense(x, top_idx, gates)
         else:
             raise ValueError(f"MoELayer.impl must be one of {IMPLS}, got {self.impl!r}")
         return y, aux
