@@ -179,6 +179,15 @@ def _existing_version(client: MlflowClient, name: str, sha: str) -> Any | None:
     return None
 
 
+def _signature() -> Any:
+    """A signature with no input schema (the input contract validates dicts of arrays) and the
+    ``output`` param: without a params schema MLflow drops ``params`` before ``predict`` sees them."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("output", "string", "default")]))
+
+
 def _log_pyfunc(artifact_key: str, model_dir: Path, files: tuple[str, ...], registered: str,
                 metadata: dict[str, Any] | None = None) -> str:
     """Log the model in ``model_dir`` as a models-from-code pyfunc and register it; returns the version."""
@@ -189,9 +198,12 @@ def _log_pyfunc(artifact_key: str, model_dir: Path, files: tuple[str, ...], regi
         weights.mkdir()
         for name in files:
             (weights / name).write_bytes((model_dir / name).read_bytes())
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={artifact_key: str(weights)},
-                                       pip_requirements=pip_requirements(), registered_model_name=registered,
-                                       metadata=metadata)
+        with warnings.catch_warnings():  # no input example: the input contract (metadata) documents the input
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
+                                           artifacts={artifact_key: str(weights)}, pip_requirements=pip_requirements(),
+                                           registered_model_name=registered, metadata=metadata,
+                                           signature=_signature())
     return str(info.registered_model_version)
 
 

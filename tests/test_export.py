@@ -151,8 +151,7 @@ def test_onnx_export_of_the_champion_matches_the_served_pyfunc(store: Path) -> N
     for batch in (5, 1):  # traced with 2
         x = {m: a[:batch] for m, a in chips.items()}
         got = session.run(None, x)[0]
-        # the loaded pyfunc's own predict: MLflow drops `params` of a model without a params schema
-        want = served.unwrap_python_model().predict(None, x, params={"output": "probabilities"})["probabilities"]
+        want = served.predict(x, params={"output": "probabilities"})["probabilities"]
         assert got.shape == want.shape == (batch, 2, 64, 64)
         assert np.abs(got - want).max() < TOL
         mask = served.predict(x)["mask"]
