@@ -1,32 +1,38 @@
-"""REST serving latency and throughput of a registered application model, against in-process predict.
+"""REST serving latency and throughput of a registered application model, against the in-process model.
 
 Needs a project whose registry holds the app (run ``make demo`` first). Starts ``mapex serve``
-(a real ``mlflow models serve`` process, 1 worker), sends 1-chip requests of real test chips of the
-app's chip store, and measures in the same run: p50/p99 latency of the served request (nested JSON
-lists, and the compact base64 form) and of the in-process pyfunc ``predict`` on the same chip, then
-throughput of base64 requests at concurrency 1 and 8 over ``--requests`` requests each (errors
-counted). Prints a table, then one JSON line.
+(a real ``mlflow models serve`` process, 1 worker) twice: as shipped (uvicorn on uvloop +
+httptools) and on uvicorn's pure-Python stack (asyncio + h11). Sends 1-chip requests of real test
+chips of the app's chip store over keep-alive connections and measures in the same run, in
+alternating blocks: p50/p99 latency of the served request (nested JSON lists, and the compact
+base64 form on both servers, on a kept-alive and on a new connection), of the in-process pyfunc ``predict`` and of the bare in-process
+forward of the same task model; then throughput of base64 requests at concurrency 1 and 8 over
+``--requests`` requests each (errors counted). Prints a table, then one JSON line.
 
-    python bench/serve.py [--app landcover-s2] [--requests 1000]
+    python bench/serve.py [--app landcover-s2] [--requests 1000] [--latency-runs 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 25  # calls of one kind in a row (see the latency loop)
 
 
 def _free_port() -> int:
@@ -35,14 +41,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_local = threading.local()
+
+
 def _post(url: str, body: bytes) -> int:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+    """POST ``body`` as JSON on this thread's keep-alive connection (as a client session would); the status."""
+    parts = urlsplit(url)
+    conn = getattr(_local, "conn", None)
+    for attempt in range(2):
+        if conn is None:
+            conn = _local.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
             r.read()
             return r.status
+        except OSError:
+            conn.close()
+            conn = _local.conn = None
+            if attempt:
+                return 0
+    return 0
+
+
+def _post_fresh(url: str, body: bytes) -> int:
+    """POST on a new connection, closed after the response (a client without keep-alive, e.g. curl)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
     except OSError:
         return 0
+    finally:
+        conn.close()
 
 
 def main() -> None:
@@ -70,32 +104,57 @@ def main() -> None:
     packed = [json.dumps({"inputs": {m: {"b64": base64.b64encode(a.astype("<f4").tobytes()).decode(),
                                          "shape": list(a.shape)} for m, a in c.items()}}).encode() for c in chips]
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/invocations"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", args.app, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the server as shipped (uvicorn picks uvloop + httptools), and the same server on uvicorn's pure-Python
+    # stack (asyncio + h11, what it ran on before those two were installed), measured side by side
+    servers = {"shipped": {}, "asyncio+h11": {"UVICORN_LOOP": "asyncio", "UVICORN_HTTP": "h11"}}
+    procs, urls = [], {}
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        for b in bodies:  # warm-up
-            assert _post(url, b) == 200
-        served, compact, local = [], [], []
-        for i in range(args.latency_runs):  # alternate: the machine's noise hits all alike
-            t = time.perf_counter()
-            ok = _post(url, bodies[i % len(bodies)])
-            served.append(time.perf_counter() - t)
-            assert ok == 200
-            t = time.perf_counter()
-            ok = _post(url, packed[i % len(packed)])
-            compact.append(time.perf_counter() - t)
-            assert ok == 200
-            t = time.perf_counter()
-            model.predict(chips[i % len(chips)])
-            local.append(time.perf_counter() - t)
+        for name, extra in servers.items():
+            port = _free_port()
+            urls[name] = f"http://127.0.0.1:{port}/invocations"
+            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", args.app, "--port",
+                                           str(port)], env=dict(os.environ, **extra), stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        for name in servers:
+            for _ in range(240):
+                try:
+                    with urllib.request.urlopen(urls[name].replace("/invocations", "/ping"), timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+        url, plain_url = urls["shipped"], urls["asyncio+h11"]
+        for b in bodies + packed:  # warm-up
+            assert _post(url, b) == 200 and _post(plain_url, b) == 200
+        # the in-process baselines: the pyfunc's predict (contract checks + normalisation + forward) and the
+        # bare forward of the same task model on the already-normalised chip
+        import torch
+
+        inner = model.unwrap_python_model()
+        normed = [{m: torch.from_numpy(a) for m, a in inner.contract.normalize(inner.contract.validate(c)).items()}
+                  for c in chips]
+
+        def forward(x: dict) -> None:
+            with torch.inference_mode():
+                inner.model(x)
+
+        # Alternate in blocks of BLOCK calls of each kind: the machine's drift hits all alike, while a
+        # process's idle OpenMP threads (which spin for a while after a forward) only disturb the
+        # first call of the next block, not every call of the other kind.
+        served, compact, plain, fresh, fresh_plain, local, bare = [], [], [], [], [], [], []
+        calls = [(served, lambda i: _post(url, bodies[i % len(bodies)]) == 200),
+                 (compact, lambda i: _post(url, packed[i % len(packed)]) == 200),
+                 (plain, lambda i: _post(plain_url, packed[i % len(packed)]) == 200),
+                 (fresh, lambda i: _post_fresh(url, packed[i % len(packed)]) == 200),
+                 (fresh_plain, lambda i: _post_fresh(plain_url, packed[i % len(packed)]) == 200),
+                 (local, lambda i: model.predict(chips[i % len(chips)]) is not None),
+                 (bare, lambda i: forward(normed[i % len(normed)]) is None)]
+        for start in range(0, args.latency_runs, BLOCK):
+            for times, call in calls:
+                for i in range(start, min(start + BLOCK, args.latency_runs)):
+                    t = time.perf_counter()
+                    ok = call(i)
+                    times.append(time.perf_counter() - t)
+                    assert ok
         through = {}
         for conc in (1, 8):
             t = time.perf_counter()
@@ -104,19 +163,32 @@ def main() -> None:
             wall = time.perf_counter() - t
             through[conc] = {"req_per_s": round(args.requests / wall, 1), "errors": sum(c != 200 for c in codes)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
     p = lambda xs, q: float(np.percentile(np.asarray(xs) * 1000, q))  # noqa: E731
-    print(f"mapex-{args.app} v{version}, 1-chip requests, {args.latency_runs} alternating runs")
+    print(f"mapex-{args.app} v{version}, 1-chip requests, {args.latency_runs} runs each, alternating in blocks of {BLOCK}")
     print(f"served JSON p50 {p(served, 50):7.2f} ms  p99 {p(served, 99):7.2f} ms")
     print(f"served b64  p50 {p(compact, 50):7.2f} ms  p99 {p(compact, 99):7.2f} ms")
-    print(f"in-process  p50 {p(local, 50):7.2f} ms  p99 {p(local, 99):7.2f} ms")
+    print(f"served b64 on asyncio+h11  p50 {p(plain, 50):7.2f} ms  p99 {p(plain, 99):7.2f} ms "
+          f"(shipped / this: {p(compact, 50) / p(plain, 50):.2f})")
+    print(f"served b64, a new connection per request: shipped p50 {p(fresh, 50):7.2f} ms, asyncio+h11 p50 "
+          f"{p(fresh_plain, 50):7.2f} ms (shipped / asyncio+h11: {p(fresh, 50) / p(fresh_plain, 50):.2f})")
+    print(f"in-process pyfunc predict  p50 {p(local, 50):7.2f} ms  p99 {p(local, 99):7.2f} ms")
+    print(f"in-process forward         p50 {p(bare, 50):7.2f} ms  p99 {p(bare, 99):7.2f} ms")
+    print(f"p50 served b64 / forward: {p(compact, 50) / p(bare, 50):.2f}   / pyfunc predict: "
+          f"{p(compact, 50) / p(local, 50):.2f}")
     for conc, r in through.items():
         print(f"concurrency {conc} (b64): {r['req_per_s']} requests/s, {r['errors']} errors in {args.requests}")
     print(json.dumps({"served_p50_ms": round(p(served, 50), 2), "served_p99_ms": round(p(served, 99), 2),
                       "served_b64_p50_ms": round(p(compact, 50), 2), "served_b64_p99_ms": round(p(compact, 99), 2),
                       "b64_p50_ratio": round(p(compact, 50) / p(local, 50), 2),
                       "inprocess_p50_ms": round(p(local, 50), 2), "inprocess_p99_ms": round(p(local, 99), 2),
+                      "asyncio_h11_b64_p50_ms": round(p(plain, 50), 2),
+                      "new_connection_b64_p50_ms": round(p(fresh, 50), 2),
+                      "new_connection_asyncio_h11_b64_p50_ms": round(p(fresh_plain, 50), 2),
+                      "forward_p50_ms": round(p(bare, 50), 2), "forward_p99_ms": round(p(bare, 99), 2),
+                      "b64_p50_ratio_vs_forward": round(p(compact, 50) / p(bare, 50), 2),
                       "p50_ratio": round(p(served, 50) / p(local, 50), 2),
                       "throughput": through}))
 

@@ -25,7 +25,6 @@ lineage (see ``mapex export`` in :mod:`mapex_core.cli`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from mapex_core.contract import InputContract
+from mapex_core.lineage import file_sha256
 from mapex_core.model.moe import MoELayer
 
 EXPORT_BATCH = 2  # batch size of the example inputs the graph is traced with (the batch stays dynamic)
@@ -135,14 +135,6 @@ def example_inputs(contract: InputContract, batch: int, seed: int = 0) -> tuple[
         std = torch.tensor(stats["std"], dtype=torch.float32).view(1, c, 1, 1)
         out.append(mean + std * torch.randn(batch, c, s, s, generator=g))
     return tuple(out)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----- exporters ------------------------------------------------------------------------------

@@ -27,6 +27,15 @@ from typing import Any
 _DVC_LOCK = threading.Lock()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (the weights' identity in the registry)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def git_sha(root: str | Path = ".") -> str:
     """The commit of the working tree at ``root`` (``+dirty`` when it has uncommitted changes), or ``unknown``."""
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import getpass
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
+
+from mapex_core.lineage import file_sha256
 
 EXPERIMENT = "mapex"
 STORE_DIR = Path("mlflow")
@@ -118,15 +119,6 @@ def pip_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return reqs
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (the weights' identity in the registry)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextmanager

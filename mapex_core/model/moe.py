@@ -221,7 +221,7 @@ class MoELayer(nn.Module):
             modality_ids: modality index of each token ``(N,)`` (long).
 
         Returns:
-            ``y (N, D)`` and the scalar balance loss.
+            ``y (N, D)`` and the scalar balance loss (0 when gradients are off: inference).
         """
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MoELayer expects x of shape (N, {self.dim}), got {tuple(x.shape)}")
@@ -233,7 +233,9 @@ class MoELayer(nn.Module):
         if x.shape[0] == 0:
             return x.new_zeros(x.shape), x.new_zeros((), dtype=torch.float32)
         probs, top_idx, gates = self.route(x, modality_ids)
-        aux = self.balance_loss(probs, top_idx, modality_ids)
+        # the balance loss only matters for a backward pass: skipped under no_grad / inference_mode
+        aux = (self.balance_loss(probs, top_idx, modality_ids) if torch.is_grad_enabled()
+               else x.new_zeros((), dtype=torch.float32))
         if self._stats is not None:
             self._accumulate_stats(top_idx, gates, modality_ids)
         if self.impl == "sorted":
