@@ -6,7 +6,9 @@ routing statistics from the real Sen1Floods11 chip in ../shared/data (coverage 0
 alternating, a fresh process loads each model (encoder only, as deployed) and runs it on S1
 chips at batch 1 and 32; it reports its peak RSS (with every weight page touched, as in a
 server that holds the model; and once more as loaded, where safetensors maps the file and only
-the weights that inference uses become resident). Latencies are measured with both models
+the weights that inference uses become resident). The process sets glibc's mmap threshold as
+serving and ``mapex predict`` do (``mapex_core._env.return_freed_memory``); the all-resident
+peak is measured once more with glibc's defaults, side by side. Latencies are measured with both models
 loaded in one process, their calls alternating, so machine noise hits both alike. The weights are a random
 initialisation: sizes, memory and latency do not depend on training. Prints a table, then one
 JSON line.
@@ -32,6 +34,9 @@ SHARED = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data
 CHILD = r"""
 import json, statistics, sys, time
 import torch
+from mapex_core._env import return_freed_memory
+if "--malloc-default" not in sys.argv:
+    return_freed_memory()  # as the serving process and `mapex predict` do
 from mapex_core.model import load_model
 from mapex_core.model.heads import strip_decoder
 path, chip, materialize = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
@@ -82,9 +87,10 @@ def interleaved_latency(tmp: Path, chip: int, rounds: int) -> dict[str, dict[str
     return out
 
 
-def run_child(path: Path, chip: int, materialize: bool) -> dict[str, float]:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chip), "1" if materialize else "0"],
-                         capture_output=True, text=True, check=True)
+def run_child(path: Path, chip: int, materialize: bool, malloc_default: bool = False) -> dict[str, float]:
+    cmd = [sys.executable, "-c", CHILD, str(path), str(chip), "1" if materialize else "0"]
+    res = subprocess.run(cmd + (["--malloc-default"] if malloc_default else []), capture_output=True, text=True,
+                         check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -126,9 +132,12 @@ def main() -> None:
         del full, pruned
         runs: dict[str, list[dict[str, float]]] = {"full": [], "pruned": []}
         lazy: dict[str, float] = {}
+        glibc: dict[str, list[float]] = {"full": [], "pruned": []}  # glibc's default malloc thresholds
         for _ in range(args.repeats):
             for name in ("full", "pruned"):
                 runs[name].append(run_child(tmp / name, args.chip, materialize=True))
+                glibc[name].append(run_child(tmp / name, args.chip, materialize=True,
+                                             malloc_default=True)["peak_rss_mb"])
         for name in ("full", "pruned"):  # as loaded (weights mapped, resident only when used)
             lazy[name] = run_child(tmp / name, args.chip, materialize=False)["peak_rss_mb"]
         bytes_ = {n: (tmp / n / "model.safetensors").stat().st_size for n in ("full", "pruned")}
@@ -141,6 +150,9 @@ def main() -> None:
         "bytes_ratio": round(bytes_["pruned"] / bytes_["full"], 3),
         "rss_full_mb": round(med["full"]["peak_rss_mb"], 1), "rss_pruned_mb": round(med["pruned"]["peak_rss_mb"], 1),
         "rss_ratio": round(med["pruned"]["peak_rss_mb"] / med["full"]["peak_rss_mb"], 3),
+        "rss_glibc_default_full_mb": round(statistics.median(glibc["full"]), 1),
+        "rss_glibc_default_pruned_mb": round(statistics.median(glibc["pruned"]), 1),
+        "rss_glibc_default_ratio": round(statistics.median(glibc["pruned"]) / statistics.median(glibc["full"]), 3),
         "rss_lazy_full_mb": round(lazy["full"], 1), "rss_lazy_pruned_mb": round(lazy["pruned"], 1),
         "rss_lazy_ratio": round(lazy["pruned"] / lazy["full"], 3),
         "latency_b1_ratio": round(latency["pruned"]["latency_b1_ms"] / latency["full"]["latency_b1_ms"], 3),
@@ -154,6 +166,9 @@ def main() -> None:
     print(f"{'checkpoint B':14s} {bytes_['full']:12d} {bytes_['pruned']:12d} {result['bytes_ratio']:7.3f}")
     print(f"{'peak RSS MB':14s} {med['full']['peak_rss_mb']:12.0f} {med['pruned']['peak_rss_mb']:12.0f} "
           f"{result['rss_ratio']:7.3f}  (all weights resident)")
+    print(f"{'  glibc default':14s} {result['rss_glibc_default_full_mb']:12.0f} "
+          f"{result['rss_glibc_default_pruned_mb']:12.0f} {result['rss_glibc_default_ratio']:7.3f}  "
+          "(all resident, without return_freed_memory)")
     print(f"{'  lazy':14s} {lazy['full']:12.0f} {lazy['pruned']:12.0f} {result['rss_lazy_ratio']:7.3f}  "
           "(mapped weights, only the used ones resident)")
     for b in (1, 32):

@@ -533,9 +533,11 @@ def predict(
 
     Memory holds one row of windows at a time (it grows with the scene's width, not its height).
     """
+    from mapex_core._env import return_freed_memory
     from mapex_core.model.heads import load_task_model
     from mapex_core.predict import predict_scene
 
+    return_freed_memory()
     pairs = {}
     for item in inputs:
         mod, sep, path = item.partition("=")
