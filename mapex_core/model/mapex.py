@@ -185,6 +185,8 @@ class MapexModel(nn.Module):
         )
 
     def _init_weights(self) -> None:
+        if self.modality_embed.is_meta:  # built on the meta device to adopt loaded weights: nothing to draw
+            return
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.xavier_uniform_(mod.weight)

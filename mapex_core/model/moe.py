@@ -100,6 +100,8 @@ class MoELayer(nn.Module):
         self.reset_parameters(bias_init)
 
     def reset_parameters(self, bias_init: float = 1.0) -> None:
+        if self.router.is_meta:  # built to adopt loaded weights: initialising meta tensors only costs
+            return  # memory (torch's meta path for normal_ imports torch._dynamo, ~75 MB)
         nn.init.normal_(self.router, std=0.02)
         for e in range(self.num_experts):  # same scale as an nn.Linear per expert
             nn.init.kaiming_uniform_(self.w1[e].T, a=math.sqrt(5))
