@@ -8,9 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +73,15 @@ def set_params(root: Path, path: str, value: Any) -> None:
         node = node.setdefault(k, {})
     node[last] = value
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@contextmanager
+def inside(root: Path) -> Iterator[Path]:
+    """``root`` as the current folder, MLflow on the project's own sqlite store (reset afterwards)."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root
+    mlflow.set_tracking_uri(None)

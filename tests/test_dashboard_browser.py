@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tests.pipeline_project import ROOT, make_project, set_params
+from tests.pipeline_project import ROOT, inside, make_project, set_params
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("prefect_harness")]
 APPS = ["landcover-s2", "landcover-s1"]
@@ -32,20 +32,14 @@ SCREENSHOT = Path(os.environ.get("MAPEX_SCREENSHOT", ROOT / "reports" / "browser
 @pytest.fixture(scope="module")
 def project(ben_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A project after two retrains: landcover-s1 v2 failed the gate (parameter bound), v1 stays champion."""
-    import mlflow
-
     from flows.pipeline import retrain
 
-    root = make_project(tmp_path_factory.mktemp("browser") / "proj", ben_root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with inside(make_project(tmp_path_factory.mktemp("browser") / "proj", ben_root)) as root:
         retrain(params="params.yaml", fetch_samples=False)
         set_params(root, "applications.landcover-s1.finetune.steps", 5)
         set_params(root, "applications.landcover-s1.gate", {"max_params": 1000})
         retrain(params="params.yaml", fetch_samples=False)
         yield root
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

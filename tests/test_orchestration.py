@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_project import make_project, run, set_params
+from tests.pipeline_project import inside, make_project, run, set_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 APPS = ["landcover-s2", "landcover-s1"]
@@ -26,14 +26,8 @@ def sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def project(ben_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """The temp project, as the current directory, with MLflow on its own sqlite store."""
-    import mlflow
-
-    root = make_project(tmp_path_factory.mktemp("project") / "proj", ben_root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with inside(make_project(tmp_path_factory.mktemp("project") / "proj", ben_root)) as root:
         yield root
-    mlflow.set_tracking_uri(None)
 
 
 def latest_task_states(names: list[str]) -> dict[str, str]:
