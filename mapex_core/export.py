@@ -219,6 +219,9 @@ def check_out_dir(out: str | Path, force: bool = False) -> Path:
 def _publish(staging: Path, out: Path) -> None:
     """Move the finished files of ``staging`` into ``out`` (a rename of the folder when ``out`` is new)."""
     if not out.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700): the folder a user asked for is not
         os.replace(staging, out)
         return
     for f in (*(out / x.file for x in FORMATS.values()), out / ITEM_FILE):  # no stale model of another format
