@@ -26,9 +26,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from mapex_core.contract import InputContract
+from mapex_core.data.raster import GDAL_CACHE_MB
 from mapex_core.modalities import MODALITIES
-
-GDAL_CACHE_MB = 64
 
 
 def window_offsets(size: int, chip: int, stride: int) -> list[int]:

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import rasterio
+
 from mapex_core.data.chips import ChipWriter, assign_splits
 from mapex_core.data.layouts import find_scenes
+from mapex_core.data.raster import GDAL_CACHE_MB
 from mapex_core.data.scenes import SceneSpec, load_scene
 from mapex_core.data.validation import (
     ValidationFailed,
@@ -121,18 +124,19 @@ def ingest(
     out.parent.mkdir(parents=True, exist_ok=True)
     group_split = assign_splits([s.group or s.name for s in scenes], p.seed)
     try:
-        for i, spec in enumerate(scenes):
-            sample = load_scene(spec, crs=p.crs, resolution=p.resolution)
-            try:
-                split = spec.split or (None if p.split_block else group_split[spec.group or spec.name])
-                n = writer.add_sample(sample, stride=p.stride, split=split, group=spec.group,
-                                      split_block=p.split_block)
-            except ValueError as exc:
-                raise ValueError(f"scene {spec.name} ({spec.files()[0]}): {exc}") from exc
-            for m in sample.arrays:
-                counts[m] += n
-            if progress is not None:
-                progress(i + 1, len(scenes), spec.name)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # one scene at a time: no cache of past scenes' blocks
+            for i, spec in enumerate(scenes):
+                sample = load_scene(spec, crs=p.crs, resolution=p.resolution)
+                try:
+                    split = spec.split or (None if p.split_block else group_split[spec.group or spec.name])
+                    n = writer.add_sample(sample, stride=p.stride, split=split, group=spec.group,
+                                          split_block=p.split_block)
+                except ValueError as exc:
+                    raise ValueError(f"scene {spec.name} ({spec.files()[0]}): {exc}") from exc
+                for m in sample.arrays:
+                    counts[m] += n
+                if progress is not None:
+                    progress(i + 1, len(scenes), spec.name)
         if writer.n_chips == 0:
             raise ValueError(f"{source}: no chips produced")
         report_dir = Path(reports_dir) / "validation" / out.name.removesuffix(".zarr")

@@ -15,6 +15,9 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.warp import calculate_default_transform, transform_bounds
 
+# GDAL's block cache (default: 5% of RAM) would keep the blocks of every raster read so far; a
+# pass that reads each file once gains nothing from it: ingestion and `mapex predict` cap it.
+GDAL_CACHE_MB = 64
 
 class RasterError(ValueError):
     """A raster cannot be used; the message names the file and the reason."""
