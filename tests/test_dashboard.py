@@ -121,6 +121,15 @@ def test_empty_project_gives_empty_states_not_errors(tmp_path: Path, monkeypatch
     # self-contained: nothing fetched from elsewhere (no external scripts, styles or images)
     assert not re.search(r'(src|href)="(https?:)?//', html.replace('href="http://127.0.0.1:5000', ""))
     assert json.loads(Path("site/dashboard.json").read_text())["apps"][0]["versions"] == []
+    # a damaged chip store is shown as such, the rest of the page still renders
+    Path("data/chips/bigearthnet.zarr").mkdir(parents=True)
+    try:
+        write_dashboard("site")
+    finally:
+        mlflow.set_tracking_uri(None)
+    text = " ".join(Elements(Path("site/index.html").read_text()).text)
+    assert "chip store unreadable: data/chips/bigearthnet.zarr: not a readable chip store" in text
+    assert text.count("no champion yet") == 2
 
 
 def test_dashboard_cli_errors_name_the_problem(tmp_path: Path) -> None:

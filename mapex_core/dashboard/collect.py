@@ -98,7 +98,11 @@ def _dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
                            "validation": None}
     path = root / ds.out
     if path.exists():
-        store = ChipStore.open(path, include_quarantined=True, normalize=False, in_memory=False)
+        try:
+            store = ChipStore.open(path, include_quarantined=True, normalize=False, in_memory=False)
+        except (ValueError, OSError) as exc:  # shown on the page: one broken store should not hide the rest
+            out["error"] = str(exc)
+            return out
         meta = store.metadata()
         out["store"] = {
             "chips": len(meta), "modalities": list(store.stored_modalities), "label_type": store.label_type,

@@ -316,6 +316,10 @@ def _data(d: dict[str, Any], out_dir: Path, root: Path) -> str:
     rows = []
     for ds in d["datasets"]:
         st, va = ds["store"], ds["validation"]
+        if ds.get("error"):
+            rows.append(f"<tr><td>{escape(ds['name'])}</td><td colspan=\"6\" class=\"empty\">chip store unreadable: "
+                        f"{escape(ds['error'])}</td></tr>")
+            continue
         if st is None:
             rows.append(f"<tr><td>{escape(ds['name'])}</td><td colspan=\"6\" class=\"empty\">not ingested yet "
                         f"({escape(ds['chips_path'])})</td></tr>")
