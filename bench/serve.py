@@ -44,21 +44,26 @@ def _free_port() -> int:
 _local = threading.local()
 
 
+def _send(conn: http.client.HTTPConnection, path: str, body: bytes) -> int:
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    return r.status
+
+
 def _post(url: str, body: bytes) -> int:
-    """POST ``body`` as JSON on this thread's keep-alive connection (as a client session would); the status."""
+    """POST ``body`` as JSON on this thread's keep-alive connection to that server (as a client session
+    would); the status."""
     parts = urlsplit(url)
-    conn = getattr(_local, "conn", None)
+    conns = _local.__dict__.setdefault("conns", {})
+    key = (parts.hostname, parts.port)  # one connection per server: the bench talks to two
     for attempt in range(2):
-        if conn is None:
-            conn = _local.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        conn = conns.get(key) or conns.setdefault(key, http.client.HTTPConnection(*key, timeout=60))
         try:
-            conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json"})
-            r = conn.getresponse()
-            r.read()
-            return r.status
+            return _send(conn, parts.path, body)
         except OSError:
             conn.close()
-            conn = _local.conn = None
+            conns.pop(key, None)
             if attempt:
                 return 0
     return 0
@@ -69,10 +74,7 @@ def _post_fresh(url: str, body: bytes) -> int:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        r.read()
-        return r.status
+        return _send(conn, parts.path, body)
     except OSError:
         return 0
     finally:
