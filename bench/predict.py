@@ -53,6 +53,7 @@ def build_model():  # noqa: ANN201 - TaskModel
 
 
 def tall_scene(path: Path, repeats: int) -> Path:
+    """The real S1 chip stacked ``repeats`` times vertically (a taller scene on the same grid)."""
     import rasterio
 
     with rasterio.open(S1) as src:

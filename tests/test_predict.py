@@ -13,6 +13,7 @@ import pytest
 import rasterio
 import torch
 
+from bench.predict import tall_scene  # the same taller scene the benchmark maps
 from tests.conftest import SHARED_DATA
 
 S1 = SHARED_DATA / "sen1floods11_sample" / "sample" / "S1" / "Spain_7370579_S1Hand.tif"
@@ -99,17 +100,6 @@ def test_missing_or_extra_modalities_and_bad_files_are_clear_errors(tmp_path: Pa
     assert not (tmp_path / "x.tif").exists()
 
 
-def _tall_scene(path: Path, repeats: int) -> Path:
-    """The real S1 chip stacked ``repeats`` times vertically (a taller scene on the same grid)."""
-    with rasterio.open(S1) as src:
-        data, profile = src.read(), src.profile
-    profile.update(height=data.shape[1] * repeats, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
-    with rasterio.open(path, "w", **profile) as dst:
-        for i in range(repeats):
-            dst.write(data, window=rasterio.windows.Window(0, i * data.shape[1], data.shape[2], data.shape[1]))
-    return path
-
-
 RSS_SCRIPT = """
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[3])
@@ -126,7 +116,7 @@ def test_peak_memory_does_not_grow_with_scene_height(tmp_path: Path) -> None:
     root = str(Path(__file__).resolve().parents[1])
     runs = {}
     for repeats in (2, 16):  # 1024 x 512 and 8192 x 512 pixels
-        scene = _tall_scene(tmp_path / f"tall{repeats}.tif", repeats)
+        scene = tall_scene(tmp_path / f"tall{repeats}.tif", repeats)
         res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(scene), str(tmp_path / f"p{repeats}.tif"), root],
                              capture_output=True, text=True, check=True)
         runs[repeats] = json.loads(res.stdout.strip().splitlines()[-1])
