@@ -63,3 +63,18 @@ def test_compact_base64_arrays(contract: InputContract) -> None:
                      (dict(packed, b64="***"), "not valid base64")):
         with pytest.raises(ContractError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             contract.validate({"s1": bad})
+
+
+def test_encode_array_picks_the_smallest_exact_dtype(contract: InputContract) -> None:
+    from mapex_core.contract import decode_array, encode_array
+
+    reflectance = np.arange(2 * 2 * 32 * 32, dtype=np.float32).reshape(2, 2, 32, 32) * 3 - 500  # S2-like integers
+    backscatter = reflectance / 100 - 12.345  # S1-like dB: not integral
+    cases = ((reflectance, "int16"), (backscatter, "float32"), (np.abs(reflectance) % 200, "uint8"),
+             (reflectance + 40000, "uint16"), (reflectance * 1000, "int32"))
+    for x, dtype in cases:
+        packed = encode_array(x)
+        assert packed["dtype"] == dtype and packed["shape"] == [2, 2, 32, 32]
+        np.testing.assert_array_equal(decode_array("s1", packed), x.astype(np.float32))
+        np.testing.assert_array_equal(contract.validate({"s1": packed})["s1"], x.astype(np.float32))
+    assert len(encode_array(reflectance)["b64"]) * 2 == len(encode_array(reflectance + 0.5)["b64"])  # half the bytes
