@@ -172,7 +172,10 @@ class ChipWriter:
         # of all chips are the fallback for a store without train chips
         self.stats = {m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()}
         self.stats_all = {m: _BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()}
-        self._buffer: list[dict[str, Any]] = []
+        # chips wait for the next flush in buffers allocated once and reused (no per-chip arrays, no
+        # references to the scene arrays they were cut from): memory stays flat however many scenes
+        self._buf: dict[str, np.ndarray] = {}
+        self._n_buf = 0
         self.rows: list[dict[str, Any]] = []
         self._ids: set[str] = set()
 
@@ -290,10 +293,15 @@ class ChipWriter:
             crs=grid.crs, time=time, row=row, col=col, transform=tuple(grid.transform),
             height=self.chip_size, width=self.chip_size,
         )
+        if not self._buf:
+            self._allocate_buffers()
+        i = self._n_buf
         for m in self.modalities:
             a = arrays.get(m)
+            slot = self._buf[m][i]  # (C, chip, chip) float32, this chip's place in the next flush
             meta[f"present_{m}"] = a is not None
             if a is None:
+                slot.fill(np.nan)
                 meta[f"nodata_frac_{m}"] = 1.0
                 meta[f"min_{m}"] = meta[f"max_{m}"] = np.full(self.specs[m].num_bands, np.nan)
                 continue
@@ -301,9 +309,10 @@ class ChipWriter:
                 self.stats_all[m].update(a)
                 if meta["split"] == "train":
                     self.stats[m].update(a)
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            digest.update(m.encode() + a.tobytes())
-            flat = a.reshape(a.shape[0], -1)  # (C, H*W)
+            slot[...] = a
+            digest.update(m.encode())
+            digest.update(slot)
+            flat = slot.reshape(slot.shape[0], -1)  # (C, H*W)
             meta[f"nodata_frac_{m}"] = float(np.isnan(flat).mean())
             meta[f"min_{m}"] = np.fmin.reduce(flat, axis=1)  # NaN-skipping; NaN only if all NaN
             meta[f"max_{m}"] = np.fmax.reduce(flat, axis=1)
@@ -313,11 +322,25 @@ class ChipWriter:
             if self.label_type == "mask":
                 meta["label_valid_frac"] = float((lab != IGNORE_INDEX).mean())
                 digest.update(np.asarray(labels, np.int16).tobytes())
+        if self.label_type == "class":
+            self._buf["labels"][i] = int(labels)
+        elif self.label_type != "none":
+            self._buf["labels"][i] = labels
         meta["content_hash"] = digest.hexdigest()
         self.rows.append(meta)
-        self._buffer.append(dict(arrays=arrays, labels=labels))
-        if len(self._buffer) >= self.flush_every:
+        self._n_buf += 1
+        if self._n_buf >= self.flush_every:
             self._flush()
+
+    def _allocate_buffers(self) -> None:
+        n, cs = self.flush_every, self.chip_size
+        self._buf = {m: np.empty((n, s.num_bands, cs, cs), np.float32) for m, s in self.specs.items()}
+        if self.label_type == "multilabel":
+            self._buf["labels"] = np.empty((n, len(self.class_names or [])), np.uint8)
+        elif self.label_type == "class":
+            self._buf["labels"] = np.empty(n, np.int16)
+        elif self.label_type == "mask":
+            self._buf["labels"] = np.empty((n, cs, cs), np.int16)
 
     def _check_labels(self, chip_id: str, labels: np.ndarray | None) -> None:
         if self.class_names is None:
@@ -351,23 +374,14 @@ class ChipWriter:
         return pd.DataFrame(rows)
 
     def _flush(self) -> None:
-        if not self._buffer:
+        n, cs = self._n_buf, self.chip_size
+        if not n:
             return
         # only the pixel arrays stream to disk; the per-chip metadata (small) is written at close
-        b, cs = self._buffer, self.chip_size
-        data: dict[str, Any] = {}
-        for m, spec in self.specs.items():
-            arr = np.full((len(b), spec.num_bands, cs, cs), np.nan, np.float32)
-            for i, chip in enumerate(b):
-                if m in chip["arrays"]:
-                    arr[i] = chip["arrays"][m]
-            data[m] = (("chip", f"band_{m}", "y", "x"), arr)
-        if self.label_type == "multilabel":
-            data["labels"] = (("chip", "class"), np.stack([c["labels"] for c in b]).astype(np.uint8))
-        elif self.label_type == "class":
-            data["labels"] = (("chip",), np.array([int(c["labels"]) for c in b], np.int16))
-        elif self.label_type == "mask":
-            data["labels"] = (("chip", "y", "x"), np.stack([c["labels"] for c in b]).astype(np.int16))
+        data: dict[str, Any] = {m: (("chip", f"band_{m}", "y", "x"), self._buf[m][:n]) for m in self.specs}
+        if self.label_type != "none":
+            dims = {"multilabel": ("chip", "class"), "class": ("chip",), "mask": ("chip", "y", "x")}[self.label_type]
+            data["labels"] = (dims, self._buf["labels"][:n])
         ds = xr.Dataset(data)
         if self.tmp.exists():
             ds.to_zarr(self.tmp, mode="a", append_dim="chip", zarr_format=2, consolidated=False)
@@ -379,7 +393,7 @@ class ChipWriter:
             ds = ds.assign_coords(coords)
             enc = {m: {"chunks": (CHUNK_CHIPS, s.num_bands, cs, cs)} for m, s in self.specs.items()}
             ds.to_zarr(self.tmp, mode="w", zarr_format=2, consolidated=False, encoding=enc)
-        self._buffer = []
+        self._n_buf = 0
 
     def close(self, quarantine: dict[str, list[str]] | None = None) -> Path:
         """Write statistics, attributes and the quarantine list, then move the store into place.

@@ -13,6 +13,7 @@ of the inputs and the parameters (no timestamps, sorted scene order).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,11 @@ def ingest(
                         seed=p.seed, attrs=attrs)
     out.parent.mkdir(parents=True, exist_ok=True)
     group_split = assign_splits([s.group or s.name for s in scenes], p.seed)
+    # xarray caches each `.rio` accessor on its DataArray, and the accessor points back: every array
+    # read holds its pixels in a reference cycle that only a full collection frees (~25 MB per
+    # Sen1Floods11 scene piled up between collections). Collect after each scene, with the objects that existed before ingestion frozen so that collection only scans
+    # this run's objects (milliseconds instead of a quarter second with torch and GX imported).
+    gc.freeze()
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # one scene at a time: no cache of past scenes' blocks
             for i, spec in enumerate(scenes):
@@ -135,6 +141,8 @@ def ingest(
                     raise ValueError(f"scene {spec.name} ({spec.files()[0]}): {exc}") from exc
                 for m in sample.arrays:
                     counts[m] += n
+                del sample
+                gc.collect()
                 if progress is not None:
                     progress(i + 1, len(scenes), spec.name)
         if writer.n_chips == 0:
@@ -151,6 +159,8 @@ def ingest(
     except BaseException:
         writer.abort()
         raise
+    finally:
+        gc.unfreeze()
     splits: dict[str, int] = {}
     for r in writer.rows:
         if r["chip_id"] not in report.quarantine:
