@@ -3,6 +3,7 @@ validation, determinism, and every bad input (made from copies of the real files
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -278,6 +279,7 @@ def test_reingestion_is_byte_identical_with_the_same_dvc_hash(shared, tmp_path):
     b = tmp_path / "b" / "chips.zarr"
     for out in (a, b):
         ingest(shared / "sen1floods11_sample", out, reports_dir=tmp_path / "r", chip_size=128)
+        assert gc.get_freeze_count() == 0  # ingest unfreezes what it froze
     assert _tree(a) == _tree(b)
     dvc = str(Path(sys.executable).with_name("dvc"))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "site"))
@@ -337,6 +339,7 @@ def test_unexpected_band_count(flood_copy, tmp_path):
     s2 = flood_copy / "sample" / "S2" / f"{SCENE}_S2Hand.tif"
     shutil.copy(s2, _s1(flood_copy))  # 13 bands where S1 (VV, VH) is expected
     _expect_error(flood_copy, tmp_path, rf"{_s1(flood_copy).name}: expected 2 band\(s\), found 13")
+    assert gc.get_freeze_count() == 0  # also when it fails
 
 
 def test_raster_without_crs(flood_copy, tmp_path):
