@@ -7,7 +7,8 @@ chips of the app's chip store and measures in the same run, in alternating block
 latency of:
 
 * the served request: nested JSON lists; the base64 form in float32; the base64 form in the
-  smallest exact dtype (``contract.encode_array``: int16 for Sentinel-2 reflectance), on a
+  smallest exact dtype (``contract.encode_array``: int16 for integer Sentinel-2 digital numbers;
+  float32 for these chips, whose resampled 20/60 m bands are not integers), on a
   kept-alive connection to both servers and on a new connection per request;
 * the in-process pyfunc ``predict`` and the bare in-process forward of the same task model, back
   to back; and the same forward after a pause of ``PAUSE_MS`` (what a server sees between requests:
@@ -109,8 +110,9 @@ def scaled_store(app_name: str, dim: int, depth: int, heads: int, tmp: Path) -> 
     data = champion.encoder.config.to_dict()
     kept = data.get("kept_experts")
     data.update(dim=dim, depth=depth, heads=heads)
-    if kept:  # the champion's pruned expert layout, in every MoE block of the new depth
-        data["kept_experts"] = [kept[0]] * len(MapexConfig.from_dict(dict(data, kept_experts=None)).moe_layers)
+    if kept:  # the champion's kept experts per MoE block, cycled over the new depth's MoE blocks
+        n_moe = len(MapexConfig.from_dict(dict(data, kept_experts=None)).moe_layers)
+        data["kept_experts"] = [kept[j % len(kept)] for j in range(n_moe)]  # the champion's layers, cycled
     torch.manual_seed(0)
     model = TaskModel(MapexModel(MapexConfig.from_dict(data), with_decoder=False), champion.task,
                       champion.class_names, {"app": app_name, "bench": "serve.py scaled"}, champion.head_channels,
@@ -159,10 +161,14 @@ def main() -> None:
     chips = [{m: collate([raw[i]])[m].numpy() for m in app.modalities} for i in range(min(8, len(raw)))]
     tmp = Path(tempfile.mkdtemp(prefix="mapex-bench-serve-"))
     env = dict(os.environ)
-    if all(scaled):
-        env["MLFLOW_TRACKING_URI"] = scaled_store(args.app, *scaled, tmp)
-    version = tracking.model_version_for(args.app, "champion")
-    model = mlflow.pyfunc.load_model(f"models:/mapex-{args.app}@champion")
+    try:
+        if all(scaled):
+            env["MLFLOW_TRACKING_URI"] = scaled_store(args.app, *scaled, tmp)
+        version = tracking.model_version_for(args.app, "champion")
+        model = mlflow.pyfunc.load_model(f"models:/mapex-{args.app}@champion")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     bodies = [json.dumps({"inputs": {m: a.tolist() for m, a in c.items()}}).encode() for c in chips]
     packed = [json.dumps({"inputs": {m: {"b64": base64.b64encode(a.astype("<f4").tobytes()).decode(),

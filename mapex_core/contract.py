@@ -153,8 +153,12 @@ def decode_array(name: str, value: dict[str, Any]) -> np.ndarray:
 def encode_array(a: np.ndarray) -> dict[str, Any]:
     """The compact form of ``a`` for a request (the inverse of :func:`decode_array`).
 
-    Integral values that fit take the smallest exact integer dtype (Sentinel-2 reflectance x 1e4
-    fits int16: half the bytes of float32), anything else float32.
+    Integral values that fit take the smallest integer dtype that holds them (Sentinel-2
+    reflectance x 1e4 fits int16: half the bytes of float32), anything else float32. Either way
+    the server decodes to float32, so the result equals sending float32.
+
+    Raises:
+        TypeError: a non-numeric or complex array.
 
     Example:
         ``{"inputs": {"s2": encode_array(chips)}}`` serialised with :func:`json.dumps`.
@@ -162,8 +166,12 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
     import base64
 
     a = np.asarray(a)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"encode_array needs a real numeric array, got dtype {a.dtype}")
     dtype = "float32"
-    if a.size and np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() and (a == np.round(a)).all():
+    if a.size and np.isfinite(a).all() and (a == np.round(a)).all():
         lo, hi = float(a.min()), float(a.max())
         dtype = next((d for d in ("uint8", "int16", "uint16", "int32")
                       if np.iinfo(d).min <= lo and hi <= np.iinfo(d).max), "float32")

@@ -1,5 +1,7 @@
 """Chip store format details with tiny generated arrays: label types, presence, atomic writes."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,10 @@ def test_mask_labels_and_partial_presence(tmp_path):
     assert store[0]["labels"].dtype.is_floating_point is False
     assert store[0]["labels"][0, 0] == -1 and store[0]["labels"][15, 0] == 1
     assert store.metadata()["nodata_frac_s2"].tolist() == [0.0, 1.0]
+    # content hash: SHA-256 of each present modality's name and float32 bytes, then the int16 mask
+    want = [hashlib.sha256(b"s1" + _s1().tobytes() + b"s2" + _s2().tobytes() + mask.tobytes()).hexdigest(),
+            hashlib.sha256(b"s1" + _s1(-12.0).tobytes() + np.ones((16, 16), np.int16).tobytes()).hexdigest()]
+    assert store.metadata()["content_hash"].tolist() == want
     groups = store.presence_patterns()
     assert groups == {("s1", "s2"): [0], ("s1",): [1]}
     batches = PresenceBatchSampler(store, batch_size=2).batches(0)
@@ -75,3 +81,30 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path):
 def test_unknown_label_type():
     with pytest.raises(ValueError, match="unknown label_type 'boxes'"):
         ChipWriter("x.zarr", ["s2"], 16, class_names=["a"], label_type="boxes")
+
+
+@pytest.mark.parametrize("label_type", ["multilabel", "class", "mask", "none"])
+def test_chips_survive_flushes_of_the_reused_buffers(tmp_path, label_type):
+    """20 distinct chips through buffers of 8 (three flushes, the last partial): each reads back as written."""
+    rng = np.random.default_rng(0)
+    classes = None if label_type == "none" else ["a", "b", "c"]
+    chips, labels = [], []
+    with ChipWriter(tmp_path / "f.zarr", ["s1", "s2"], 16, class_names=classes,
+                    label_type=label_type if classes else "multilabel", flush_every=8) as w:
+        for i in range(20):
+            arrays = {"s1": rng.normal(-12, 3, (2, 16, 16)).astype(np.float32)}
+            if i % 3:  # s2 absent from every third chip
+                arrays["s2"] = rng.uniform(0, 5000, (12, 16, 16)).astype(np.float32)
+            lab = {"multilabel": rng.integers(0, 2, 3).astype(np.uint8), "class": np.array(i % 3),
+                   "mask": rng.integers(-1, 3, (16, 16)).astype(np.int16), "none": None}[label_type]
+            w.add(f"c{i}", f"scene{i % 4}", arrays, GRID, labels=lab)
+            chips.append(arrays)
+            labels.append(lab)
+    store = ChipStore.open(tmp_path / "f.zarr", normalize=False)
+    assert len(store) == 20
+    for i, item in enumerate(store[j] for j in range(20)):
+        assert set(item) - {"labels", "index"} == set(chips[i])
+        for m, a in chips[i].items():
+            np.testing.assert_array_equal(item[m].numpy(), a)
+        if labels[i] is not None:
+            np.testing.assert_array_equal(np.asarray(item["labels"]), labels[i])

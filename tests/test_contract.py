@@ -78,3 +78,6 @@ def test_encode_array_picks_the_smallest_exact_dtype(contract: InputContract) ->
         np.testing.assert_array_equal(decode_array("s1", packed), x.astype(np.float32))
         np.testing.assert_array_equal(contract.validate({"s1": packed})["s1"], x.astype(np.float32))
     assert len(encode_array(reflectance)["b64"]) * 2 == len(encode_array(reflectance + 0.5)["b64"])  # half the bytes
+    assert encode_array(np.array([[True, False]]))["dtype"] == "uint8"
+    with pytest.raises(TypeError, match="real numeric array"):
+        encode_array(np.ones(3, np.complex64))

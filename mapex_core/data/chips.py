@@ -196,6 +196,7 @@ class ChipWriter:
     def abort(self) -> None:
         """Discard everything written so far."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._buf, self._n_buf = {}, 0
 
     def add_sample(self, sample: Sample, stride: int | None = None, split: str | None = None,
                    group: str | None = None, split_block: int | None = None) -> int:
@@ -325,7 +326,7 @@ class ChipWriter:
         if self.label_type == "class":
             self._buf["labels"][i] = int(labels)
         elif self.label_type != "none":
-            self._buf["labels"][i] = labels
+            self._buf["labels"][i] = np.asarray(labels).astype(self._buf["labels"].dtype)
         meta["content_hash"] = digest.hexdigest()
         self.rows.append(meta)
         self._n_buf += 1
@@ -406,6 +407,7 @@ class ChipWriter:
             self.abort()
             raise ValueError(f"{self.path}: no chips were written (empty input)")
         self._flush()
+        self._buf = {}  # the flush buffers (tens of MB) are not needed any more
         q = quarantine or {}
         unknown = sorted(set(q) - self._ids)
         if unknown:

@@ -126,9 +126,13 @@ def ingest(
     group_split = assign_splits([s.group or s.name for s in scenes], p.seed)
     # xarray caches each `.rio` accessor on its DataArray, and the accessor points back: every array
     # read holds its pixels in a reference cycle that only a full collection frees (~25 MB per
-    # Sen1Floods11 scene piled up between collections). Collect after each scene, with the objects that existed before ingestion frozen so that collection only scans
-    # this run's objects (milliseconds instead of a quarter second with torch and GX imported).
-    gc.freeze()
+    # Sen1Floods11 scene piled up between collections). Collect after each scene, with the objects
+    # that existed before ingestion frozen so that a collection only scans this run's objects
+    # (milliseconds instead of a quarter second with torch and GX imported). A caller that froze
+    # objects itself keeps its freeze: ingestion then neither freezes nor unfreezes.
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # one scene at a time: no cache of past scenes' blocks
             for i, spec in enumerate(scenes):
@@ -160,7 +164,8 @@ def ingest(
         writer.abort()
         raise
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
     splits: dict[str, int] = {}
     for r in writer.rows:
         if r["chip_id"] not in report.quarantine:
