@@ -101,17 +101,20 @@ class _BandStats:
         self.total_sq = np.zeros(n_bands, np.float64)
         self.hist = np.zeros((n_bands, HIST_BINS), np.int64)
 
-    def update(self, x: np.ndarray) -> None:
-        """Add the pixels of ``x`` ``(C, H, W)``; NaN pixels are skipped."""
+    def update(self, x: np.ndarray, also: _BandStats | None = None) -> None:
+        """Add the pixels of ``x`` ``(C, H, W)``; NaN pixels are skipped. ``also`` (statistics of
+        the same sensor) gets the same pixels without computing them twice."""
         scale = HIST_BINS / (self.hi - self.lo)
         for c in range(x.shape[0]):
             v = x[c][~np.isnan(x[c])].astype(np.float64)  # valid pixels of band c
-            self.count[c] += v.size
-            self.total[c] += v.sum()
-            self.total_sq[c] += np.dot(v, v)
             idx = ((v - self.lo) * scale).astype(np.int64)
             np.clip(idx, 0, HIST_BINS - 1, out=idx)
-            self.hist[c] += np.bincount(idx, minlength=HIST_BINS)
+            part = (v.size, v.sum(), np.dot(v, v), np.bincount(idx, minlength=HIST_BINS))
+            for stats in (self, also) if also is not None else (self,):
+                stats.count[c] += part[0]
+                stats.total[c] += part[1]
+                stats.total_sq[c] += part[2]
+                stats.hist[c] += part[3]
 
     def finish(self) -> dict[str, np.ndarray]:
         n = np.maximum(self.count, 1)
@@ -226,9 +229,7 @@ class ChipWriter:
         if split is not None or not split_block:  # one split for the whole sample
             whole = split or assign_split(group, self.seed)
             for m, a in sample.arrays.items():  # statistics over the sample's pixels, once
-                self.stats_all[m].update(a)
-                if whole == "train":
-                    self.stats[m].update(a)
+                self.stats_all[m].update(a, also=self.stats[m] if whole == "train" else None)
         n = 0
         for r in rows:
             for c in cols:
@@ -239,9 +240,8 @@ class ChipWriter:
                                                                          (c + cs - 1) // split_block)
                     chip_split = splits[first] if first == last else "none"
                     for m, a in sample.arrays.items():  # statistics per chip: splits vary inside
-                        self.stats_all[m].update(a[:, r : r + cs, c : c + cs])
-                        if chip_split == "train":
-                            self.stats[m].update(a[:, r : r + cs, c : c + cs])
+                        self.stats_all[m].update(a[:, r : r + cs, c : c + cs],
+                                                 also=self.stats[m] if chip_split == "train" else None)
                 else:
                     chip_split = whole
                 self.add(
@@ -307,9 +307,7 @@ class ChipWriter:
                 meta[f"min_{m}"] = meta[f"max_{m}"] = np.full(self.specs[m].num_bands, np.nan)
                 continue
             if update_stats:
-                self.stats_all[m].update(a)
-                if meta["split"] == "train":
-                    self.stats[m].update(a)
+                self.stats_all[m].update(a, also=self.stats[m] if meta["split"] == "train" else None)
             slot[...] = a
             digest.update(m.encode())
             digest.update(slot)
