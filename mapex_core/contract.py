@@ -149,7 +149,6 @@ def decode_array(name: str, value: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(np.float32)
 
 
-
 def encode_array(a: np.ndarray) -> dict[str, Any]:
     """The compact form of ``a`` for a request (the inverse of :func:`decode_array`).
 
