@@ -457,3 +457,46 @@ def test_sensor_nodata_is_masked_before_resampling(ben_root, tmp_path):
     assert np.isnan(band[:, :55]).all()  # the zero half became NaN (up to the resampling edge)
     finite = band[~np.isnan(band)]
     assert finite.size > 0 and finite.min() >= valid_min - 1e-3  # no value pulled towards 0
+
+
+# ----- raster reading ------------------------------------------------------------------------
+def test_declared_nodata_and_mask_bands_both_become_nan(shared, tmp_path):
+    """A declared nodata value is masked by ``read_values`` itself; a raster whose validity lives in
+    a mask band (no nodata value) is read through GDAL's masked read. Both give NaN exactly there."""
+    from mapex_core.data.raster import open_raster, read_values
+
+    src = shared / FLOOD / "S2" / f"{SCENE}_S2Hand.tif"
+    with rasterio.open(src) as r:
+        data, profile = r.read(), r.profile
+    assert profile["nodata"] == 0
+    data[:, :40, :60] = 0  # a declared-nodata corner
+    declared = tmp_path / "declared.tif"
+    with rasterio.open(declared, "w", **profile) as w:
+        w.write(data)
+    got = read_values(open_raster(declared, expected_bands=13), declared)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(got), data == 0)
+    np.testing.assert_array_equal(got[data != 0], data[data != 0].astype(np.float32))
+
+    masked = tmp_path / "mask_band.tif"
+    valid = np.ones(data.shape[1:], bool)
+    valid[100:150, 200:300] = False
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(masked, "w", **dict(profile, nodata=None)) as w:
+        w.write(data)
+        w.write_mask(valid.astype(np.uint8) * 255)
+    got = read_values(open_raster(masked, expected_bands=13), masked)
+    np.testing.assert_array_equal(np.isnan(got), np.broadcast_to(~valid, data.shape))  # zeros are data here
+
+
+def test_grids_equal_up_to_float_noise_match(shared):
+    """Sen1Floods11's label file differs from its S2 grid in the 15th digit of the pixel size: the same grid."""
+    from mapex_core.data.raster import Grid, grid_of, open_raster
+
+    s2 = grid_of(open_raster(shared / FLOOD / "S2" / f"{SCENE}_S2Hand.tif"))
+    label = grid_of(open_raster(shared / FLOOD / "Labels" / f"{SCENE}_LabelHand.tif"))
+    assert label != s2 and label.matches(s2) and s2.matches(label)
+    a, b, c, d, e, f = s2.transform
+    assert not s2.matches(Grid(s2.crs, (a, b, c + 0.01 * a, d, e, f), s2.shape))  # a hundredth of a pixel off
+    assert not s2.matches(Grid(s2.crs, (a * (1 + 1e-5), b, c, d, e, f), s2.shape))  # 0.005 px at the far edge
+    assert not s2.matches(Grid(s2.crs, s2.transform, (s2.shape[0], s2.shape[1] + 1)))
+    assert not s2.matches(Grid("EPSG:32630", s2.transform, s2.shape))

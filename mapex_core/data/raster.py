@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.warp import calculate_default_transform, transform_bounds
 
@@ -73,6 +74,18 @@ class Grid:
                           coords={"band": [1], "y": ys, "x": xs})
         return da.rio.write_crs(self.crs).rio.write_transform(a)
 
+    def matches(self, other: Grid, tol: float = 1e-6) -> bool:
+        """Whether ``other`` is this grid up to floating-point noise: the same CRS and shape, and
+        pixel corners that agree within ``tol`` of a pixel everywhere on the grid (files written
+        by different tools often differ in the last digits of their transforms)."""
+        if self.crs != other.crs or self.shape != other.shape:
+            return False
+        a, b = self.transform, other.transform
+        pixel = min(abs(a[0]), abs(a[4])) or 1.0
+        span = max(self.shape)
+        return (all(abs(a[i] - b[i]) * span <= tol * pixel for i in (0, 1, 3, 4))
+                and all(abs(a[i] - b[i]) <= tol * pixel for i in (2, 5)))
+
     def intersects(self, crs: str, bounds: tuple[float, float, float, float]) -> bool:
         """Whether ``bounds`` (in ``crs``) overlap this grid's footprint."""
         left, bottom, right, top = transform_bounds(crs, self.crs, *bounds)
@@ -87,7 +100,10 @@ def grid_of(da: xr.DataArray) -> Grid:
 
 
 def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataArray:
-    """Open a raster lazily as ``(bands, y, x)``; nodata is masked to NaN when read.
+    """Open a raster lazily as ``(bands, y, x)``; nodata becomes NaN in :func:`read_values`.
+
+    A nodata value is masked by :func:`read_values` (one comparison, half the time of GDAL's masked
+    read); a raster with a mask band or alpha channel is opened masked (GDAL applies that mask).
 
     Raises:
         RasterError: unreadable or corrupt file, unexpected band count, or no CRS.
@@ -96,7 +112,9 @@ def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataA
     if not path.is_file():
         raise RasterError(f"{path}: file not found")
     try:
-        da = rioxarray.open_rasterio(path, masked=True)
+        with rasterio.open(path) as ds:  # masks other than a nodata value (mask band, alpha) need GDAL's masked read
+            masked = any(set(flags) - {MaskFlags.all_valid, MaskFlags.nodata} for flags in ds.mask_flag_enums)
+        da = rioxarray.open_rasterio(path, masked=masked, cache=False)  # read once, by read_values
     except (RasterioError, OSError) as exc:
         raise RasterError(f"{path}: cannot read raster (corrupt or not a raster?): {exc}") from exc
     if not isinstance(da, xr.DataArray):
@@ -109,11 +127,17 @@ def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataA
 
 
 def read_values(da: xr.DataArray, path: str | Path) -> np.ndarray:
-    """Read a lazily opened raster into float32; a truncated file raises :class:`RasterError`."""
+    """Read a raster of :func:`open_raster` into float32, its nodata value as NaN; a truncated file
+    raises :class:`RasterError`."""
     try:
-        return np.asarray(da.values, dtype=np.float32)
+        raw = da.values
     except (RasterioError, OSError, RuntimeError) as exc:
         raise RasterError(f"{path}: cannot read pixel data (corrupt or truncated?): {exc}") from exc
+    values = raw.astype(np.float32)  # a copy: the caller may write NaNs into it
+    nodata = da.rio.nodata  # NaN (or None) when opened masked: GDAL has already masked it
+    if nodata is not None and not np.isnan(nodata):
+        values[raw == nodata] = np.nan
+    return values
 
 
 def reference_grid(grids: list[Grid], crs: str | None = None, resolution: float | None = None) -> Grid:
@@ -143,7 +167,7 @@ def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
     values = read_values(da, path)
     if nodata is not None and not np.isnan(nodata):
         values[values == nodata] = np.nan
-    if grid_of(da) == grid:
+    if grid_of(da).matches(grid):  # already on the grid: no resampling
         return values
     src = da.copy(data=values).rio.write_nodata(np.nan, encoded=False)
     out = src.rio.reproject_match(grid.template(), resampling=resampling, nodata=np.nan)
