@@ -1,9 +1,10 @@
 """Whole-scene inference: sliding windows over co-registered scenes, blended seams, a GeoTIFF (COG) out.
 
-The scene of the finest modality is the output grid; other modalities are warped onto it window
-by window (``WarpedVRT``, bilinear). Windows of the model's chip size step by ``chip - overlap``;
-each window's prediction is weighted by a ramp that falls linearly over the ``overlap`` pixels at
-its edges, and overlapping predictions are averaged with those weights, so seams do not show.
+Scenes are read with rioxarray, lazily: the scene of the finest modality is the output grid; other
+modalities are opened through a ``WarpedVRT`` onto it (bilinear), so each read warps one strip.
+Windows of the model's chip size step by ``chip - overlap``; each window's prediction is weighted
+by a ramp that falls linearly over the ``overlap`` pixels at its edges, and overlapping
+predictions are averaged with those weights, so seams do not show.
 Outside the overlaps a pixel sees exactly one window: there the output equals the chip-wise
 prediction. One row of windows is held at a time and written as soon as no later window touches
 it, so memory grows with the scene's width, not its height (and not its size overall).
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+import rioxarray
 import torch
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
@@ -107,11 +109,14 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
         raise ValueError(f"overlap must be in [0, {chip // 2}) for {chip} px chips, got {overlap}")
     srcs, ref = _open_inputs(inputs, contract)
     height, width = ref.height, ref.width
-    readers = {m: (s if (s.crs == ref.crs and s.transform == ref.transform and s.shape == ref.shape)
-                   else WarpedVRT(s, crs=ref.crs, transform=ref.transform, width=width, height=height,
-                                  resampling=Resampling.bilinear, src_nodata=s.nodata, nodata=np.nan,
-                                  dtype="float32"))
-               for m, s in srcs.items()}
+    # lazy rioxarray arrays on the output grid (through a WarpedVRT where a modality is on another
+    # grid): indexing one row strip reads and warps only that strip
+    readers = {m: rioxarray.open_rasterio(
+        s if (s.crs == ref.crs and s.transform == ref.transform and s.shape == ref.shape)
+        else WarpedVRT(s, crs=ref.crs, transform=ref.transform, width=width, height=height,
+                       resampling=Resampling.bilinear, src_nodata=s.nodata, nodata=np.nan, dtype="float32"),
+        masked=True, cache=False, parse_coordinates=False)
+        for m, s in srcs.items()}
     stride = chip - overlap
     rows, cols = window_offsets(height, chip, stride), window_offsets(width, chip, stride)
     n_classes = len(contract.classes)
@@ -177,8 +182,8 @@ def _read_strip(contract: InputContract, readers: dict[str, Any], row: int, chip
                 width: int) -> dict[str, np.ndarray]:
     """The rows ``[row, row + chip)`` of every modality on the output grid, normalised, NaN -> 0 (one read each)."""
     arrays = {}
-    for m, rd in readers.items():
-        a = rd.read(window=Window(0, row, width, chip), out_dtype="float32", masked=True).filled(np.nan)
+    for m, da in readers.items():
+        a = np.asarray(da[:, row:row + chip, :width].values, dtype=np.float32)  # (C, chip, W), nodata as NaN
         nodata = MODALITIES[m].nodata
         if nodata is not None and not np.isnan(nodata):
             a[a == nodata] = np.nan
