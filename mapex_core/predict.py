@@ -125,7 +125,8 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     out.parent.mkdir(parents=True, exist_ok=True)
     profile = {"driver": "GTiff", "height": height, "width": width, "crs": ref.crs, "transform": ref.transform,
                "count": 1 if output == "labels" else n_classes, "dtype": "uint8" if output == "labels" else "float32",
-               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1,
+               "BIGTIFF": "IF_SAFER"}  # temporary: fast ZSTD; the COG copy writes DEFLATE
     total, done = len(rows) * len(cols), 0
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_tif = Path(tmp) / "scene.tif"
