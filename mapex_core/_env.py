@@ -25,7 +25,13 @@ def apply_quiet_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
+# A server's per-request buffers (a 1-chip JSON body is 262 kB, its decoded arrays ~200 kB each) stay
+# below this and come from the heap; activations of large batches or models are above it and still go
+# back to the OS. At 128 KiB, every request's buffers were mmapped, page-faulted and unmapped again
+# (with TLB shootdowns across the server's threads): ~2 ms more per 1-chip request (bench/serve.py).
+SERVING_MMAP_THRESHOLD = 1 << 20
 
 
 def return_freed_memory(threshold: int = 1 << 17) -> bool:
@@ -36,8 +42,10 @@ def return_freed_memory(threshold: int = 1 << 17) -> bool:
     blocks come from the heap and stay resident after they are freed: a batch-32 forward of a
     ViT-B-sized model peaked ~200 MB higher for that alone. Fixing the threshold
     (``mallopt(M_MMAP_THRESHOLD)``) keeps the peak near the live tensors. ``MALLOC_MMAP_THRESHOLD_``
-    set by the user wins. Serving, ``mapex predict`` and the benchmarks' model processes call this;
-    training does not (it reuses the same blocks every step).
+    set by the user wins. Serving (with :data:`SERVING_MMAP_THRESHOLD`), ``mapex predict`` and the
+    benchmarks' model processes call this; training does not (it reuses the same blocks every step).
+    The heap's trim threshold is set to twice ``threshold``, as glibc's own dynamic rule does, so
+    that freeing a block just under the threshold does not shrink the heap on every request.
 
     Returns:
         True when the threshold was set (glibc), False otherwise (another C library: no-op).
@@ -49,6 +57,7 @@ def return_freed_memory(threshold: int = 1 << 17) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold))) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * int(threshold)))
     except (OSError, AttributeError):
         return False

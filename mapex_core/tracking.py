@@ -591,7 +591,7 @@ class MapexPyfunc(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        from mapex_core._env import return_freed_memory
+        from mapex_core._env import SERVING_MMAP_THRESHOLD, return_freed_memory
         from mapex_core.contract import InputContract
         from mapex_core.model import load_model
         from mapex_core.model.heads import load_task_model
@@ -603,7 +603,7 @@ class MapexPyfunc(PythonModel):
             self.model = load_model(context.artifacts["encoder"])
             self.contract = None
         self.model.eval()
-        return_freed_memory()  # a serving process: activations go back to the OS between requests
+        return_freed_memory(SERVING_MMAP_THRESHOLD)  # a serving process: activations go back to the OS
 
     def _bad_request(self, msg: str) -> MlflowException:
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
