@@ -14,6 +14,10 @@ latency of:
   to back; and the same forward after a pause of ``PAUSE_MS`` (what a server sees between requests:
   cold caches and sleeping OpenMP threads).
 
+The floor: the same request to the same server stack serving a model that returns at once (its
+process imports torch and MAPEX and sets the serving malloc threshold, as the real one does):
+what ``mlflow models serve`` costs on its own for this body, whatever the model.
+
 Then the throughput of compact requests at concurrency 1 and 8 over ``--requests`` requests each
 (errors counted). Prints a table, then one JSON line.
 
@@ -96,6 +100,55 @@ def _post_fresh(url: str, body: bytes) -> int:
         conn.close()
 
 
+FLOOR_MODEL = '''"""bench/serve.py's floor: a MAPEX serving process (imports, malloc threshold) that does no work."""
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class Floor(PythonModel):
+    _skip_type_hint_validation = True
+
+    def load_context(self, context):
+        import torch  # noqa: F401
+        import mapex_core.model  # noqa: F401
+        from mapex_core._env import SERVING_MMAP_THRESHOLD, return_freed_memory
+
+        return_freed_memory(SERVING_MMAP_THRESHOLD)
+
+    def predict(self, context, model_input, params=None):
+        return {"probabilities": [[1.0]], "classes": ["floor"]}
+
+
+set_model(Floor())
+'''
+
+
+def floor_store(tmp: Path) -> str:
+    """Register :data:`FLOOR_MODEL` as ``mapex-bench-floor@champion`` in a scratch store; its URI.
+    Leaves this process's tracking URI as it was."""
+    import mlflow
+
+    from mapex_core import tracking
+
+    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{tmp / 'floor.db'}"
+    code = tmp / "floor_model.py"
+    code.write_text(FLOOR_MODEL)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)  # registered there too, never in the project's registry
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp = client.create_experiment("bench-serve-floor", artifact_location=(tmp / "floor-artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=[],
+                                           registered_model_name="mapex-bench-floor", signature=tracking._signature())
+        client.set_registered_model_alias("mapex-bench-floor", "champion", str(info.registered_model_version))
+    finally:
+        mlflow.set_tracking_uri(prev[0])
+        mlflow.set_registry_uri(prev[1])
+    return uri
+
+
 def scaled_store(app_name: str, dim: int, depth: int, heads: int, tmp: Path) -> str:
     """Register a randomly initialised ``mapex-APP`` of the given size in a scratch store; its URI."""
     import mlflow
@@ -166,6 +219,7 @@ def main() -> None:
             env["MLFLOW_TRACKING_URI"] = scaled_store(args.app, *scaled, tmp)
         version = tracking.model_version_for(args.app, "champion")
         model = mlflow.pyfunc.load_model(f"models:/mapex-{args.app}@champion")
+        floor_uri = floor_store(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,13 +232,15 @@ def main() -> None:
 
     # the server as shipped (uvicorn picks uvloop + httptools), and the same server on uvicorn's pure-Python
     # stack (asyncio + h11, what it ran on before those two were installed), measured side by side
-    servers = {"shipped": {}, "asyncio+h11": {"UVICORN_LOOP": "asyncio", "UVICORN_HTTP": "h11"}}
+    # and the floor: a model that returns at once, on the shipped stack
+    servers = {"shipped": (args.app, {}), "asyncio+h11": (args.app, {"UVICORN_LOOP": "asyncio", "UVICORN_HTTP": "h11"}),
+               "floor": ("bench-floor", {"MLFLOW_TRACKING_URI": floor_uri})}
     procs, urls = [], {}
     try:
-        for name, extra in servers.items():
+        for name, (served_app, extra) in servers.items():
             port = _free_port()
             urls[name] = f"http://127.0.0.1:{port}/invocations"
-            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", args.app, "--port",
+            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", served_app, "--port",
                                            str(port)], env=dict(env, **extra), stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
         for name in servers:
@@ -194,9 +250,9 @@ def main() -> None:
                         break
                 except OSError:
                     time.sleep(0.5)
-        url, plain_url = urls["shipped"], urls["asyncio+h11"]
+        url, plain_url, floor_url = urls["shipped"], urls["asyncio+h11"], urls["floor"]
         for b in bodies + packed + compact:  # warm-up
-            assert _post(url, b) == 200 and _post(plain_url, b) == 200
+            assert _post(url, b) == 200 and _post(plain_url, b) == 200 and _post(floor_url, b) == 200
         # the in-process baselines: the pyfunc's predict (contract checks + normalisation + forward) and the
         # bare forward of the same task model on the already-normalised chip
         import torch
@@ -212,14 +268,15 @@ def main() -> None:
         # Alternate in blocks of BLOCK calls of each kind: the machine's drift hits all alike, while a
         # process's idle OpenMP threads (which spin for a while after a forward) only disturb the
         # first call of the next block, not every call of the other kind.
-        kinds = {k: [] for k in ("json", "b64", "compact", "compact_h11", "fresh", "fresh_h11", "pyfunc", "forward",
-                                 "forward_cold")}
+        kinds = {k: [] for k in ("json", "b64", "compact", "compact_h11", "fresh", "fresh_h11", "floor", "pyfunc",
+                                 "forward", "forward_cold")}
         calls = {"json": lambda i: _post(url, bodies[i % len(bodies)]) == 200,
                  "b64": lambda i: _post(url, packed[i % len(packed)]) == 200,
                  "compact": lambda i: _post(url, compact[i % len(compact)]) == 200,
                  "compact_h11": lambda i: _post(plain_url, compact[i % len(compact)]) == 200,
                  "fresh": lambda i: _post_fresh(url, compact[i % len(compact)]) == 200,
                  "fresh_h11": lambda i: _post_fresh(plain_url, compact[i % len(compact)]) == 200,
+                 "floor": lambda i: _post(floor_url, compact[i % len(compact)]) == 200,
                  "pyfunc": lambda i: model.predict(chips[i % len(chips)]) is not None,
                  "forward": lambda i: forward(normed[i % len(normed)]) is None,
                  "forward_cold": lambda i: forward(normed[i % len(normed)]) is None}
@@ -253,13 +310,16 @@ def main() -> None:
     labels = {"json": "served, nested JSON lists", "b64": "served, base64 float32",
               "compact": "served, base64 compact", "compact_h11": "  same on asyncio + h11",
               "fresh": "served, compact, new connection", "fresh_h11": "  same on asyncio + h11",
+              "floor": "floor: a model that returns at once",
               "pyfunc": "in-process pyfunc predict", "forward": "in-process forward",
               "forward_cold": f"in-process forward after {PAUSE_MS:g} ms"}
     for k, label in labels.items():
-        size = f"  ({sizes[k] / 1000:.0f} kB body)" if k in sizes else ""
+        size = f"  ({sizes[k] / 1000:.0f} kB body)" if k in sizes else "  (compact body)" if k == "floor" else ""
         print(f"{label:34s} p50 {p50[k]:7.2f} ms  p99 {p99[k]:7.2f} ms{size}")
     print(f"p50 served compact / forward: {p50['compact'] / p50['forward']:.2f}   / forward after a pause: "
           f"{p50['compact'] / p50['forward_cold']:.2f}   / pyfunc predict: {p50['compact'] / p50['pyfunc']:.2f}")
+    print(f"server floor: {p50['floor']:.2f} ms = {p50['floor'] / p50['forward']:.2f} x the forward (a 1.5x target leaves "
+          f"{0.5 * p50['forward']:.2f} ms for everything that is not the forward)")
     print(f"uvloop+httptools / asyncio+h11 p50: kept-alive {p50['compact'] / p50['compact_h11']:.2f}, "
           f"new connection {p50['fresh'] / p50['fresh_h11']:.2f}")
     for conc, r in through.items():
@@ -271,6 +331,7 @@ def main() -> None:
                       "p50_ratio_vs_forward": round(p50["compact"] / p50["forward"], 2),
                       "p50_ratio_vs_cold_forward": round(p50["compact"] / p50["forward_cold"], 2),
                       "p50_ratio_vs_pyfunc": round(p50["compact"] / p50["pyfunc"], 2),
+                      "floor_vs_forward": round(p50["floor"] / p50["forward"], 2),
                       "throughput": through}))
 
 
