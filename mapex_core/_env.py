@@ -45,7 +45,8 @@ def return_freed_memory(threshold: int = 1 << 17) -> bool:
     set by the user wins. Serving (with :data:`SERVING_MMAP_THRESHOLD`), ``mapex predict`` and the
     benchmarks' model processes call this; training does not (it reuses the same blocks every step).
     The heap's trim threshold is set to twice ``threshold``, as glibc's own dynamic rule does, so
-    that freeing a block just under the threshold does not shrink the heap on every request.
+    that freeing a block just under the threshold does not shrink the heap on every request
+    (``MALLOC_TRIM_THRESHOLD_`` set by the user wins).
 
     Returns:
         True when the threshold was set (glibc), False otherwise (another C library: no-op).
@@ -57,7 +58,10 @@ def return_freed_memory(threshold: int = 1 << 17) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold))) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * int(threshold)))
+        if not libc.mallopt(M_MMAP_THRESHOLD, int(threshold)):
+            return False
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * int(threshold))
+        return True
     except (OSError, AttributeError):
         return False

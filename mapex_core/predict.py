@@ -23,12 +23,13 @@ import rasterio
 import rasterio.shutil
 import rioxarray
 import torch
+import xarray as xr
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from mapex_core.contract import InputContract
-from mapex_core.data.raster import GDAL_CACHE_MB
+from mapex_core.data.raster import GDAL_CACHE_MB, Grid
 from mapex_core.modalities import MODALITIES
 
 
@@ -59,21 +60,26 @@ def _open_inputs(inputs: dict[str, str | Path], contract: InputContract) -> tupl
         raise ValueError(f"this model takes modalities {contract.modalities} (--input MODALITY=PATH for each); "
                          + (f"missing: {missing}" if missing else "") + ("; " if missing and extra else "")
                          + (f"not used by it: {extra}" if extra else ""))
-    srcs = {}
-    for m in contract.modalities:
-        path = Path(inputs[m])
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: file not found ({m} input)")
-        try:
-            src = rasterio.open(path)
-        except rasterio.errors.RasterioIOError as exc:
-            raise ValueError(f"{path}: cannot read raster: {exc}") from exc
-        if src.crs is None:
-            raise ValueError(f"{path}: raster has no CRS")
-        if src.count != len(contract.bands[m]):
-            raise ValueError(f"{path}: {m} needs {len(contract.bands[m])} bands {contract.bands[m]}, found {src.count}")
-        srcs[m] = src
-    ref = min(srcs.values(), key=lambda s: abs(s.res[0] * s.res[1]))
+    srcs: dict[str, Any] = {}
+    try:
+        for m in contract.modalities:
+            path = Path(inputs[m])
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: file not found ({m} input)")
+            try:
+                srcs[m] = src = rasterio.open(path)
+            except rasterio.errors.RasterioIOError as exc:
+                raise ValueError(f"{path}: cannot read raster: {exc}") from exc
+            if src.crs is None:
+                raise ValueError(f"{path}: raster has no CRS")
+            if src.count != len(contract.bands[m]):
+                raise ValueError(f"{path}: {m} needs {len(contract.bands[m])} bands {contract.bands[m]}, "
+                                 f"found {src.count}")
+    except BaseException:
+        for s in srcs.values():
+            s.close()
+        raise
+    ref = min(srcs.values(), key=lambda s: round(_grid(s).pixel_size_m(), 6))  # metres, whatever the CRS units
     return srcs, ref
 
 
@@ -108,15 +114,53 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     if not 0 <= overlap < chip // 2:
         raise ValueError(f"overlap must be in [0, {chip // 2}) for {chip} px chips, got {overlap}")
     srcs, ref = _open_inputs(inputs, contract)
+    readers: dict[str, Any] = {}
+    try:
+        readers = _lazy_readers(srcs, ref, inputs)
+        return _map_scene(model, contract, readers, ref, out, batch_size, overlap, output, progress)
+    finally:
+        for da in readers.values():
+            da.close()
+        for s in srcs.values():
+            s.close()
+
+
+def _grid(src: Any) -> Grid:
+    return Grid(src.crs.to_wkt(), tuple(src.transform)[:6], (src.height, src.width))
+
+
+def _lazy_readers(srcs: dict[str, Any], ref: Any, inputs: dict[str, str | Path]) -> dict[str, Any]:
+    """Lazy rioxarray arrays of every modality on the output grid (through a ``WarpedVRT`` where a
+    modality is on another grid): indexing one row strip reads and warps only that strip."""
+    grid = _grid(ref)
+    readers = {}
+    for m, s in srcs.items():
+        if s.crs == ref.crs and grid.matches(Grid(grid.crs, tuple(s.transform)[:6], (s.height, s.width))):
+            da = rioxarray.open_rasterio(s, masked=True, cache=False, parse_coordinates=False)
+        else:  # rioxarray reopens the file and builds its own VRT from this one's parameters
+            with WarpedVRT(s, crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
+                           resampling=Resampling.bilinear, src_nodata=s.nodata, nodata=np.nan,
+                           dtype="float32") as vrt:
+                da = rioxarray.open_rasterio(vrt, masked=True, cache=False, parse_coordinates=False)
+        if not isinstance(da, xr.DataArray):
+            raise ValueError(f"{inputs[m]}: holds several sub-datasets; expected one raster ({m} input)")
+        readers[m] = da
+    return readers
+
+
+def _temporary_geotiff(path: Path, profile: dict[str, Any]) -> Any:
+    """Open the temporary tiled GeoTIFF for writing: fast ZSTD, or DEFLATE level 1 where GDAL lacks ZSTD
+    (the COG copy compresses the result properly either way)."""
+    try:
+        return rasterio.open(path, "w", **profile, compress="zstd", zstd_level=1)
+    except rasterio.errors.RasterioIOError:
+        return rasterio.open(path, "w", **profile, compress="deflate", zlevel=1)
+
+
+def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref: Any, out: Path, batch_size: int,
+               overlap: int, output: str, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    chip = contract.chip_size
     height, width = ref.height, ref.width
-    # lazy rioxarray arrays on the output grid (through a WarpedVRT where a modality is on another
-    # grid): indexing one row strip reads and warps only that strip
-    readers = {m: rioxarray.open_rasterio(
-        s if (s.crs == ref.crs and s.transform == ref.transform and s.shape == ref.shape)
-        else WarpedVRT(s, crs=ref.crs, transform=ref.transform, width=width, height=height,
-                       resampling=Resampling.bilinear, src_nodata=s.nodata, nodata=np.nan, dtype="float32"),
-        masked=True, cache=False, parse_coordinates=False)
-        for m, s in srcs.items()}
     stride = chip - overlap
     rows, cols = window_offsets(height, chip, stride), window_offsets(width, chip, stride)
     n_classes = len(contract.classes)
@@ -125,12 +169,11 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     out.parent.mkdir(parents=True, exist_ok=True)
     profile = {"driver": "GTiff", "height": height, "width": width, "crs": ref.crs, "transform": ref.transform,
                "count": 1 if output == "labels" else n_classes, "dtype": "uint8" if output == "labels" else "float32",
-               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "zstd", "zstd_level": 1,
-               "BIGTIFF": "IF_SAFER"}  # temporary: fast ZSTD; the COG copy writes DEFLATE
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER"}
     total, done = len(rows) * len(cols), 0
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_tif = Path(tmp) / "scene.tif"
-        with rasterio.open(tmp_tif, "w", **profile) as dst:
+        with _temporary_geotiff(tmp_tif, profile) as dst:
             # the rows [acc_top, acc_top + chip) of the output, still receiving window predictions
             acc = np.zeros((n_classes, chip, width), np.float32)
             wsum = np.zeros((chip, width), np.float32)
@@ -159,8 +202,6 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
                     if progress is not None:
                         progress(done, total)
             _write_rows(dst, acc[:, :height - acc_top], wsum[:height - acc_top], acc_top, output)
-        for s in srcs.values():
-            s.close()
         cog = Path(tmp) / "scene.cog.tif"
         rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE")
         os.replace(cog, out)

@@ -500,3 +500,36 @@ def test_grids_equal_up_to_float_noise_match(shared):
     assert not s2.matches(Grid(s2.crs, (a * (1 + 1e-5), b, c, d, e, f), s2.shape))  # 0.005 px at the far edge
     assert not s2.matches(Grid(s2.crs, s2.transform, (s2.shape[0], s2.shape[1] + 1)))
     assert not s2.matches(Grid("EPSG:32630", s2.transform, s2.shape))
+    rotated = Grid(s2.crs, (0.0, a, c, a, 0.0, f), s2.shape)  # a 90-degree rotation: the pixel size is still a
+    assert rotated.matches(Grid(s2.crs, (0.0, a, c + 1e-9 * a, a * (1 + 1e-12), 0.0, f), s2.shape))
+    assert not rotated.matches(Grid(s2.crs, (0.0, a, c + 0.01 * a, a, 0.0, f), s2.shape))
+
+
+def test_per_band_nodata_values_mask_each_band_with_its_own(shared, tmp_path):
+    """A VRT whose bands declare different nodata values (0 and 7): each band is masked with its own
+    value only, exactly as GDAL's per-band masks say."""
+    from mapex_core.data.raster import open_raster, read_values
+
+    with rasterio.open(shared / FLOOD / "S2" / f"{SCENE}_S2Hand.tif") as r:
+        data, profile = r.read()[:2], r.profile
+    data[0][:10] = 0
+    data[0][20:30] = 7  # band 1's nodata is 0: these 7s are data
+    data[1][:, :10] = 7
+    data[1][40:50] = 0  # band 2's nodata is 7: these 0s are data
+    tif = tmp_path / "two.tif"
+    with rasterio.open(tif, "w", **dict(profile, count=2, nodata=None)) as w:
+        w.write(data)
+    bands = "".join(
+        f'<VRTRasterBand dataType="Int16" band="{b}"><NoDataValue>{nd}</NoDataValue><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">two.tif</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource>'
+        f"</VRTRasterBand>" for b, nd in ((1, 0), (2, 7)))
+    t = profile["transform"]
+    vrt = tmp_path / "two.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="{profile["width"]}" rasterYSize="{profile["height"]}">'
+                   f'<SRS>{profile["crs"].to_wkt()}</SRS><GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}'
+                   f"</GeoTransform>{bands}</VRTDataset>")
+    got = read_values(open_raster(vrt, expected_bands=2), vrt)
+    np.testing.assert_array_equal(np.isnan(got[0]), data[0] == 0)
+    np.testing.assert_array_equal(np.isnan(got[1]), data[1] == 7)
+    with rasterio.open(vrt) as r:  # GDAL's own per-band masks agree
+        np.testing.assert_array_equal(np.isnan(got), r.read(masked=True).mask)

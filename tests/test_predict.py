@@ -146,3 +146,39 @@ def test_cli_predict_with_a_local_model(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "--input must be MODALITY=PATH" in bad.stderr
     other = subprocess.run([*cmd, "--input", f"s1={S1}", "--app", "landcover-s1"], capture_output=True, text=True)
     assert other.returncode == 1 and "is a model of application 'flood-s1', not 'landcover-s1'" in other.stderr
+
+
+def test_a_modality_on_another_grid_is_warped_onto_the_finest_one(tmp_path: Path) -> None:
+    """S1 reprojected to UTM at 5 m is the finest input in metres (the S2 scene's ~9 m pixels are in
+    degrees): the output takes its grid, S2 is warped onto it, and the interior equals chip-wise
+    prediction on S1 read directly and S2 warped by GDAL directly."""
+    import rioxarray
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    from mapex_core.predict import predict_scene
+
+    utm = tmp_path / "s1_utm.tif"
+    rioxarray.open_rasterio(S1, masked=True).rio.reproject(
+        "EPSG:32630", resolution=5.0, resampling=Resampling.bilinear).rio.to_raster(utm)
+    model = tiny(modalities=("s1", "s2l1c"))
+    out = tmp_path / "probs.tif"
+    predict_scene(model, {"s1": utm, "s2l1c": S2}, out, output="probabilities", overlap=16, batch_size=16)
+    with rasterio.open(out) as dst, rasterio.open(utm) as ref, rasterio.open(S2) as s2:
+        assert dst.crs == ref.crs and dst.transform == ref.transform and dst.shape == ref.shape
+        r, c = 48 * (ref.height // 96), 48 * (ref.width // 96)  # a window in the middle of the scene
+        window = rasterio.windows.Window(c, r, 64, 64)
+        got = dst.read(window=window)[:, 16:48, 16:48]  # covered by this window alone
+        with WarpedVRT(s2, crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
+                       resampling=Resampling.bilinear, src_nodata=s2.nodata, nodata=np.nan, dtype="float32") as vrt:
+            raw = {"s1": ref.read(window=window, masked=True).astype(np.float32).filled(np.nan),
+                   "s2l1c": vrt.read(window=window, masked=True).astype(np.float32).filled(np.nan)}
+    assert np.isfinite(raw["s2l1c"]).mean() > 0.9 and np.isfinite(raw["s1"]).mean() > 0.9  # inside both scenes
+    arrays = {}
+    for m, a in raw.items():
+        n = NORM[m]
+        a = (a - np.asarray(n["mean"], np.float32)[:, None, None]) / np.asarray(n["std"], np.float32)[:, None, None]
+        arrays[m] = torch.from_numpy(np.nan_to_num(a)[None])
+    with torch.no_grad():
+        want = torch.softmax(model(arrays), 1)[0].numpy()[:, 16:48, 16:48]
+    np.testing.assert_allclose(got, want, atol=1e-5)

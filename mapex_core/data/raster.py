@@ -76,15 +76,16 @@ class Grid:
 
     def matches(self, other: Grid, tol: float = 1e-6) -> bool:
         """Whether ``other`` is this grid up to floating-point noise: the same CRS and shape, and
-        pixel corners that agree within ``tol`` of a pixel everywhere on the grid (files written
-        by different tools often differ in the last digits of their transforms)."""
+        pixel corners that agree within ``tol`` of a pixel in x and in y everywhere on the grid
+        (files written by different tools often differ in the last digits of their transforms)."""
         if self.crs != other.crs or self.shape != other.shape:
             return False
         a, b = self.transform, other.transform
-        pixel = min(abs(a[0]), abs(a[4])) or 1.0
-        span = max(self.shape)
-        return (all(abs(a[i] - b[i]) * span <= tol * pixel for i in (0, 1, 3, 4))
-                and all(abs(a[i] - b[i]) <= tol * pixel for i in (2, 5)))
+        h, w = self.shape
+        pixel = math.sqrt(abs(a[0] * a[4] - a[1] * a[3])) or 1.0  # side of a pixel, rotated grids too
+        dx = abs(a[0] - b[0]) * w + abs(a[1] - b[1]) * h + abs(a[2] - b[2])  # largest corner shift in x
+        dy = abs(a[3] - b[3]) * w + abs(a[4] - b[4]) * h + abs(a[5] - b[5])
+        return dx <= tol * pixel and dy <= tol * pixel
 
     def intersects(self, crs: str, bounds: tuple[float, float, float, float]) -> bool:
         """Whether ``bounds`` (in ``crs``) overlap this grid's footprint."""
@@ -102,8 +103,9 @@ def grid_of(da: xr.DataArray) -> Grid:
 def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataArray:
     """Open a raster lazily as ``(bands, y, x)``; nodata becomes NaN in :func:`read_values`.
 
-    A nodata value is masked by :func:`read_values` (one comparison, half the time of GDAL's masked
-    read); a raster with a mask band or alpha channel is opened masked (GDAL applies that mask).
+    A nodata value shared by all bands is masked by :func:`read_values` (one comparison, half the
+    time of GDAL's masked read); a raster with a mask band, an alpha channel or per-band nodata
+    values is opened masked (GDAL applies those masks).
 
     Raises:
         RasterError: unreadable or corrupt file, unexpected band count, or no CRS.
@@ -112,8 +114,11 @@ def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataA
     if not path.is_file():
         raise RasterError(f"{path}: file not found")
     try:
-        with rasterio.open(path) as ds:  # masks other than a nodata value (mask band, alpha) need GDAL's masked read
-            masked = any(set(flags) - {MaskFlags.all_valid, MaskFlags.nodata} for flags in ds.mask_flag_enums)
+        with rasterio.open(path) as ds:
+            # GDAL's masked read for masks other than one nodata value: a mask band, alpha, or
+            # nodata values that differ between bands (VRT, netCDF, ENVI)
+            masked = (any(set(flags) - {MaskFlags.all_valid, MaskFlags.nodata} for flags in ds.mask_flag_enums)
+                      or len({repr(v) for v in ds.nodatavals}) > 1)
         da = rioxarray.open_rasterio(path, masked=masked, cache=False)  # read once, by read_values
     except (RasterioError, OSError) as exc:
         raise RasterError(f"{path}: cannot read raster (corrupt or not a raster?): {exc}") from exc
