@@ -31,7 +31,8 @@ def main() -> None:
     from mapex_core.data.ingest import DataParams, ingest
     from mapex_core.model import MapexConfig
     from mapex_core.params import load_params, section
-    from mapex_core.training.finetune import evaluate_app, finetune_app
+    from mapex_core.training.evaluate import evaluate_app
+    from mapex_core.training.finetune import finetune_app
     from mapex_core.training.pretrain import PretrainParams, pretrain
     from mapex_core.training.prune import prune_app
 

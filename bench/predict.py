@@ -4,8 +4,10 @@ The scene is the real Sen1Floods11 S1 chip in ../shared/data stacked vertically 
 times: 512 x 512 px each). The model is the ``params.yaml`` architecture for an S1 segmentation
 application (weights untrained: speed does not depend on them). Measured in one run, alternating:
 ``predict_scene`` (read, normalise, forward, blend, write a COG) and the forward pass alone on the
-same windows already in memory, same batch size. Then peak RSS of ``predict_scene`` in fresh
-processes for two scene heights. Prints a table, then one JSON line.
+same windows already in memory, same batch size. Then the peak RSS of ``predict_scene`` (after
+``return_freed_memory()``, as ``mapex predict`` runs it) for two scene heights, each in a fresh process that reads its own peak (``VmHWM`` of /proc/self/status;
+not ``ru_maxrss``, which a child inherits from its parent on Linux). Prints a table, then one JSON line.
+The taller scene is ``tests.helpers.tall_scene``: the one the memory test maps.
 
     python bench/predict.py [--repeats 4] [--batch-size 16]
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,16 +25,21 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data"))
-S1 = SHARED / "sen1floods11_sample" / "sample" / "S1" / "Spain_7370579_S1Hand.tif"
+if str(ROOT) not in sys.path:  # run as a script: the repository root holds tests/
+    sys.path.insert(0, str(ROOT))
+
+from tests.helpers import tall_scene  # noqa: E402 - the same taller scene the memory test maps
 
 RSS = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[3])
 from bench.predict import build_model
+from mapex_core._env import return_freed_memory
 from mapex_core.predict import predict_scene
+from tests.helpers import peak_rss_kb
+return_freed_memory()  # what `mapex predict` does first
 s = predict_scene(build_model(), {"s1": sys.argv[1]}, sys.argv[2], output="probabilities")
-print(json.dumps({"windows": s["windows"], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"windows": s["windows"], "peak_mb": peak_rss_kb() / 1024}))
 """
 
 
@@ -50,19 +56,6 @@ def build_model():  # noqa: ANN201 - TaskModel
                                  "normalization": {"s1": {"mean": [-12.0, -19.0], "std": [3.0, 4.0]}}})
     return TaskModel(MapexModel(cfg, with_decoder=False), "segmentation", ["dry", "water"],
                      input_modalities=["s1"]).eval()
-
-
-def tall_scene(path: Path, repeats: int) -> Path:
-    """The real S1 chip stacked ``repeats`` times vertically (a taller scene on the same grid)."""
-    import rasterio
-
-    with rasterio.open(S1) as src:
-        data, profile = src.read(), src.profile
-    profile.update(height=data.shape[1] * repeats, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
-    with rasterio.open(path, "w", **profile) as dst:
-        for i in range(repeats):
-            dst.write(data, window=rasterio.windows.Window(0, i * data.shape[1], data.shape[2], data.shape[1]))
-    return path
 
 
 def main() -> None:

@@ -1,17 +1,78 @@
-"""The ``mapex`` console script: the library's commands (:mod:`mapex_core.cli`) plus the orchestration
-ones, ``retrain`` and ``deploy``, which need Prefect (``mapex_core`` never imports it)."""
+"""The orchestration commands of ``mapex``: ``retrain`` and ``deploy`` (they need Prefect, which
+``mapex_core`` never imports). ``pyproject.toml`` declares them under the ``mapex.commands`` entry
+points, so :func:`mapex_core.cli.main` adds them to the one ``mapex`` program."""
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from mapex_core.cli import EX_TEMPFAIL, _fail, _print_json, app
-from mapex_core.cli import main as core_main
+from mapex_core.cli import fail, print_json
 
 
-@app.command()
+def _line(row) -> str:  # noqa: ANN001 - mapex_core.progress.StageRow
+    from mapex_core.progress import format_seconds
+
+    when = time.strftime("%H:%M:%S")
+    if row.state == "running":
+        return f"[{when}] {row.name}: running"
+    return f"[{when}] {row.name}: {row.state} in {format_seconds(row.elapsed)}"
+
+
+def _table(board):  # noqa: ANN001, ANN202 - a StageBoard -> a rich Table
+    from rich.table import Table
+
+    from mapex_core.progress import format_seconds
+
+    colours = {"waiting": "dim", "running": "bold cyan", "cached": "green", "done": "green", "failed": "bold red"}
+    table = Table(title="mapex retrain", title_justify="left", box=None, pad_edge=False)
+    for col in ("stage", "state", "time", "progress"):
+        table.add_column(col)
+    for row in board.snapshot():
+        detail = ""
+        if row.state == "running" and row.total:
+            detail = f"{row.done}/{row.total}  {row.info}"
+        elif row.state == "running" and row.info:
+            detail = row.info
+        table.add_row(row.name, f"[{colours[row.state]}]{row.state}[/]", format_seconds(row.elapsed), detail)
+    return table
+
+
+@contextmanager
+def watch(board) -> Iterator[None]:  # noqa: ANN001 - mapex_core.progress.StageBoard
+    """Show ``board`` while the block runs: a live table on a terminal, else a log line per stage start and end."""
+    if not sys.stderr.isatty():
+        board.on_change = lambda row: print(_line(row), file=sys.stderr, flush=True)
+        yield
+        return
+    from rich.console import Console
+    from rich.live import Live
+
+    with Live(_table(board), console=Console(stderr=True), refresh_per_second=2, transient=False) as live:
+        stop = False
+
+        def refresh() -> None:
+            while not stop:
+                live.update(_table(board))
+                time.sleep(0.5)
+
+        import threading
+
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop = True
+            thread.join(2)
+            live.update(_table(board))
+
+
 def retrain(
     app_names: list[str] = typer.Option(None, "--app", help="Application(s) to retrain; repeat for several "
                                         "(default: pipeline.apps of params.yaml)."),
@@ -22,7 +83,8 @@ def retrain(
     """Run the weekly `retrain` Prefect flow here: every stage, every app, registry and gate.
 
     ingest -> validate -> pretrain -> per app prune -> finetune -> evaluate -> register in MLflow +
-    promotion gate. Unchanged stages are skipped (cached).
+    promotion gate. Unchanged stages are skipped (cached). Shows each stage's state, time and
+    progress as it runs (one log line per stage start and end without a terminal).
 
     Runs locally with no server (Prefect's temporary API, MLflow's sqlite store under mlflow/, DVC);
     records every stage in dvc.lock, so `dvc repro` afterwards finds the pipeline up to date.
@@ -30,27 +92,29 @@ def retrain(
     """
     from dvc.exceptions import DvcException
 
-    from mapex_core import lineage, tracking
-    from mapex_core.stages import check_params_file, pipeline_apps
+    from mapex_core import lineage, progress, project, tracking
+    from mapex_core.errors import EX_TEMPFAIL
 
     try:
-        check_params_file("params.yaml")
-        names = pipeline_apps("params.yaml", list(app_names or []))
+        project.check_params_file(project.PARAMS)
+        names = project.pipeline_apps(project.PARAMS, list(app_names or []))
         tracking.configure()
     except (FileNotFoundError, ValueError, tracking.TrackingError) as exc:
-        _fail(str(exc))
-    from flows.pipeline import AppsFailed, summary_markdown
+        fail(str(exc))
+    from flows.pipeline import AppsFailed, plan, summary_markdown
     from flows.pipeline import retrain as retrain_flow
 
+    board = progress.StageBoard(plan(names, str(project.PARAMS), samples))
     try:
-        rows = retrain_flow(apps=names, fetch_samples=samples, ingest_on_dask=dask)
+        with progress.use_board(board), watch(board):
+            rows = retrain_flow(apps=names, fetch_samples=samples, ingest_on_dask=dask)
     except AppsFailed as exc:
         typer.echo(summary_markdown(exc.rows, failed=exc.failed))
-        _fail(str(exc))
+        fail(str(exc))
     except lineage.StageFailed as exc:
-        _fail(str(exc), EX_TEMPFAIL if exc.transient else 1)
+        fail(str(exc), EX_TEMPFAIL if exc.transient else 1)
     except (FileNotFoundError, ValueError, DvcException, tracking.TrackingError) as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        fail(f"{type(exc).__name__}: {exc}")
     typer.echo(summary_markdown(rows))
     typer.echo("Where to look:\n"
                f"  MLflow UI       bash mlflow/server.sh, then http://127.0.0.1:5000 (store {tracking.tracking_uri()})\n"
@@ -61,7 +125,6 @@ def retrain(
                "  Prefect runs    PREFECT_HOME=.prefect prefect flow-run ls; artifact 'retrain-summary'")
 
 
-@app.command()
 def deploy(
     params: Path = typer.Option(Path("params.yaml"), help="params.yaml (pipeline.schedule / pipeline.timezone)."),
     cron: str = typer.Option(None, help="Cron of the scheduled retrain (default: pipeline.schedule, weekly)."),
@@ -78,27 +141,29 @@ def deploy(
 
     api = PREFECT_API_URL.value()
     if not api:
-        _fail("no Prefect server configured: start one (`prefect server start --host 127.0.0.1`) and "
-              "export PREFECT_API_URL=http://127.0.0.1:4200/api (or set it in your Prefect profile)")
+        fail("no Prefect server configured: start one (`prefect server start --host 127.0.0.1`) and "
+             "export PREFECT_API_URL=http://127.0.0.1:4200/api (or set it in your Prefect profile)")
     from flows import deployments
 
     try:
         if serve:
             deployments.serve(str(params), cron, timezone)
             return
-        _print_json({"deployments": deployments.deploy(str(params), cron, timezone)})
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - httpx / Prefect HTTP errors: the server is the problem
+        print_json({"deployments": deployments.deploy(str(params), cron, timezone)})
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # httpx / Prefect HTTP errors: the server is the problem
         if type(exc).__module__.split(".")[0] not in ("httpx", "httpcore", "prefect"):
             raise
-        _fail(f"Prefect server {api} did not accept the deployments: {type(exc).__name__}: {exc}")
+        fail(f"Prefect server {api} did not accept the deployments: {type(exc).__name__}: {exc}")
     typer.echo("Start workers: `prefect worker start --pool cpu` (and `--pool gpu` on the GPU machine).", err=True)
 
 
 def main() -> None:
-    """Entry point of the ``mapex`` console script."""
-    core_main()
+    """``python -m flows.cli``: the ``mapex`` program (its commands and these)."""
+    from mapex_core.cli import main as mapex_main
+
+    mapex_main()
 
 
 if __name__ == "__main__":

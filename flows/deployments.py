@@ -38,7 +38,7 @@ def build_deployments(params: str = "params.yaml", cron: str | None = None, time
     from prefect.schedules import Cron
 
     from flows.pipeline import pretrain_flow, retrain
-    from mapex_core.stages import load_pipeline
+    from mapex_core.project import load_pipeline
 
     pipe = load_pipeline(params)
     cron = cron or pipe.schedule

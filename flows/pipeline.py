@@ -7,6 +7,10 @@ both paths produce the same files, and ``dvc repro`` after a flow finds everythi
 Own processes also keep concurrent applications apart (RNG, memory, GPU context). Flows run in the
 project folder (the one holding ``dvc.yaml`` and ``params.yaml``).
 
+Progress: each stage's state, time and progress go to the run's :class:`mapex_core.progress.StageBoard`
+(``mapex retrain`` shows it live), which also shares the CPUs among the stage processes running at
+once: a stage starting beside another gets half the cores, the last one running gets them all.
+
 Caching: a stage task's cache key is :func:`mapex_core.lineage.stage_key`, a hash of the stage's
 command, its dependencies' DVC content hashes and its params, so an unchanged stage is skipped on
 re-run (state ``Cached``). Right before a stage is started (its upstream stages are done), ``dvc
@@ -20,8 +24,10 @@ a lost connection are retried with exponential backoff; bad input and bugs are n
 from __future__ import annotations
 
 import errno
-import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -29,10 +35,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from mapex_core import lineage, stages
+from mapex_core import lineage, progress, project, runtime, stages
 
-PARAMS = "params.yaml"  # the project's params file: dvc.yaml's stages read this one
-WORKERS = 2  # datasets / applications processed at once; each stage process gets cores // WORKERS threads
+PARAMS = str(project.PARAMS)  # the project's params file: dvc.yaml's stages read this one
+WORKERS = 2  # datasets / applications processed at once; the board shares the cores among their stages
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
 
 
@@ -56,7 +62,7 @@ def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect cache key of a stage task: the DVC stage's command, dependency hashes and params
-    (not ``threads``: it changes the speed, not the result)."""
+    (not ``env``: progress file and threads change how it is watched and its speed, not its result)."""
     stage = parameters["stage"]
     return f"mapex-{stage}-{lineage.stage_key(stage)}"
 
@@ -65,31 +71,67 @@ RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor
          "retry_condition_fn": _retry_if_transient}
 
 
-def stage_threads(concurrent: int) -> int:
-    """CPU threads for each of ``concurrent`` stage processes running at once (no oversubscription)."""
-    return max(1, (os.cpu_count() or 1) // max(1, concurrent))
-
-
 @task(name="stage", task_run_name="{stage}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", **RETRY)
-def stage_task(stage: str, threads: int | None = None) -> dict[str, Any]:
+def stage_task(stage: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run DVC stage ``stage``'s command, record its outputs in ``dvc.lock``, return its summary."""
-    lineage.run_stage(stage, log=get_run_logger().info, threads=threads)
+    lineage.run_stage(stage, log=get_run_logger().info, env=env)
     lineage.commit_stage(stage)
     return stages.stage_summary(stage)
+
+
+@dataclass
+class BoardEntry:
+    """A stage on the run's board: the environment its process gets (progress file, threads) and the
+    state it ends in (``done`` unless the block says ``cached``; ``failed`` on an exception)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    state: str = "done"
+
+
+@contextmanager
+def on_board(stage: str, threads: int | None = None) -> Iterator[BoardEntry]:
+    """Mark ``stage`` running on the run's board (if there is one) for the duration of the block;
+    its process gets ``threads`` intra-op threads (default: torch's, every core)."""
+    board = progress.board()
+    entry = BoardEntry(board.start(stage, threads) if board is not None else progress.stage_threads_env(threads))
+    try:
+        yield entry
+    except BaseException:
+        if board is not None:
+            board.finish(stage, "failed")
+        raise
+    if board is not None:
+        board.finish(stage, entry.state)
 
 
 def run_stage(stage: str, threads: int | None = None) -> dict[str, Any]:
     """Run :func:`stage_task` now (its upstream stages are done): from the cache when DVC finds the
     stage up to date and a cache record exists, else for real (refreshing the record)."""
-    return stage_task.with_options(refresh_cache=lineage.stage_changed(stage))(stage, threads)
+    with on_board(stage, threads) as entry:
+        state = stage_task.with_options(refresh_cache=lineage.stage_changed(stage))(stage, entry.env,
+                                                                                     return_state=True)
+        if state.name == "Cached":
+            entry.state = "cached"
+        return state.result()
 
 
 @task(name="samples", cache_policy=None, **RETRY)
 def samples_task() -> dict[str, Any]:
     """Fetch the sample imagery (idempotent) and record ``data/raw`` in DVC."""
-    lineage.run_stage("samples", log=get_run_logger().info)
-    return lineage.commit_stage("samples")
+    with on_board("samples") as entry:
+        lineage.run_stage("samples", log=get_run_logger().info, env=entry.env)
+        return lineage.commit_stage("samples")
+
+
+def stage_threads(concurrent: int) -> int:
+    """Intra-op threads of each stage process when ``concurrent`` chains run at once (no oversubscription).
+
+    Fixed for the whole phase, whatever finishes first: a stage's thread count changes its weights,
+    and they must not depend on timing. Cores that free up go to the stages through the board's
+    ``.cores`` files instead (evaluation trains its comparison models at once).
+    """
+    return runtime.share_threads(concurrent)
 
 
 @task(name="dataset", task_run_name="dataset-{dataset}", cache_policy=None)
@@ -101,22 +143,14 @@ def dataset_chain(dataset: str, threads: int | None = None) -> dict[str, Any]:
 @task(name="track-pretrain", cache_policy=None, **RETRY)
 def track_pretrain_task(params: str = PARAMS) -> dict[str, Any]:
     """Log the pre-training run and register ``mapex-pretrained`` (idempotent on the weights)."""
-    from mapex_core import tracking
-    from mapex_core.params import load_params
-
-    tracking.configure()
-    return tracking.log_pretrain(stages.PRETRAIN_DIR, load_params(params),
-                                 {str(p): lineage.output_hash(p) for p in stages.pretrain_chips(params)},
-                                 lineage.git_sha())
+    return stages.register_pretrained(params)
 
 
 @task(name="register", task_run_name="register-{app}", cache_policy=None, **RETRY)
 def register_task(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) -> dict[str, Any]:
     """Register ``mapex-<app>`` and apply the promotion gate (idempotent on the weights)."""
-    from mapex_core import tracking
-
-    tracking.configure()
-    return tracking.register_app_from_outputs(app, params, pretrain_run)
+    with on_board(f"register@{app}"):
+        return stages.register(app, params, pretrain_run)
 
 
 @task(name="dashboard", cache_policy=None)
@@ -142,11 +176,54 @@ def app_chain(app: str, pretrain_run: dict[str, Any], params: str = PARAMS,
     return summary_row(app, prune, metrics, register_task(app, pretrain_run, params), params)
 
 
+def plan(apps: list[str], params: str = PARAMS, fetch_samples: bool = True) -> list[str]:
+    """The stages a retrain of ``apps`` runs, in order (the rows of its progress board)."""
+    datasets = list(project.load_datasets(params))
+    return ((["samples"] if fetch_samples else []) + [f"{k}@{d}" for d in datasets for k in ("ingest", "validate")]
+            + ["pretrain"] + [f"{k}@{a}" for a in apps for k in ("prune", "finetune", "evaluate", "register")]
+            + ["dashboard"])
+
+
+@contextmanager
+def run_board(stages_planned: list[str]) -> Iterator[progress.StageBoard]:
+    """The board of this run: the caller's (``mapex retrain`` watches it), else one of its own (for the
+    thread sharing; a deployment run on a worker has no terminal)."""
+    board = progress.board()
+    if board is not None:
+        for s in stages_planned:
+            board.rows.setdefault(s, progress.StageRow(s))
+        yield board
+        return
+    with progress.use_board(progress.StageBoard(stages_planned)) as own:
+        yield own
+
+
 def _flow_setup(params: str) -> None:
     from mapex_core import tracking
 
-    stages.check_params_file(params)
+    project.check_params_file(params)
     tracking.configure()  # fails fast, before any training, when the tracking server is unreachable
+
+
+# a local Dask cluster's nannies set these in the process that starts them (the flow's): without a
+# restore, later stages would inherit one thread each as if the user had set it
+DASK_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+
+
+@contextmanager
+def restored_environ(keys: tuple[str, ...] = DASK_ENV) -> Iterator[None]:
+    """Put ``keys`` of ``os.environ`` back as they were before the block."""
+    import os
+
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def dask_runner(address: str = "local", n_workers: int = 2) -> Any:
@@ -172,8 +249,8 @@ def _gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, BaseExce
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS))
 def ingest_flow(datasets: list[str] | None = None, params: str = PARAMS) -> dict[str, Any]:
     """Ingest and validate datasets (default: all of ``params``' ``datasets``) concurrently on the task runner."""
-    stages.check_params_file(params)
-    names = datasets or list(stages.load_datasets(params))
+    project.check_params_file(params)
+    names = datasets or list(project.load_datasets(params))
     done, failed = _gather({d: dataset_chain.submit(d, stage_threads(min(WORKERS, len(names)))) for d in names})
     if failed:
         name, exc = next(iter(failed.items()))
@@ -184,7 +261,8 @@ def ingest_flow(datasets: list[str] | None = None, params: str = PARAMS) -> dict
 def ingest_with_dask(datasets: list[str] | None = None, params: str = PARAMS, address: str = "local",
                      n_workers: int = 2) -> dict[str, Any]:
     """Run :func:`ingest_flow` on Dask: a local cluster by default, or the scheduler at ``address``."""
-    return ingest_flow.with_options(task_runner=dask_runner(address, n_workers))(datasets=datasets, params=params)
+    with restored_environ():
+        return ingest_flow.with_options(task_runner=dask_runner(address, n_workers))(datasets=datasets, params=params)
 
 
 @flow(name="pretrain")
@@ -196,8 +274,8 @@ def pretrain_flow(params: str = PARAMS) -> dict[str, Any]:
 
 
 def _per_app(kind: str, apps: list[str] | None, params: str) -> dict[str, Any]:
-    stages.check_params_file(params)
-    return {a: run_stage(f"{kind}@{a}") for a in stages.pipeline_apps(params, apps)}
+    project.check_params_file(params)
+    return {a: run_stage(f"{kind}@{a}") for a in project.pipeline_apps(params, apps)}
 
 
 @flow(name="prune")
@@ -244,29 +322,39 @@ def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: 
     Raises:
         AppsFailed: after every application ran, when some failed (the artifact lists the others).
     """
-    logger = get_run_logger()
-    names = stages.pipeline_apps(params, apps)
+    names = project.pipeline_apps(params, apps)
     _flow_setup(params)
+    with run_board(plan(names, params, fetch_samples)):
+        rows, failed, dash, pretrain_run = _retrain(names, params, fetch_samples, ingest_on_dask)
+    create_markdown_artifact(summary_markdown(rows, pretrain_run, failed, dash), key="retrain-summary",
+                             description="MAPEX retrain: per-application models")
+    get_run_logger().info("retrain finished: %s", ", ".join(f"{r['app']} v{r['version']} ({r['decision']})" for r in rows))
+    if failed:
+        raise AppsFailed(failed, rows)
+    return rows
+
+
+def _retrain(names: list[str], params: str, fetch_samples: bool, ingest_on_dask: str | None
+             ) -> tuple[list[dict[str, Any]], dict[str, BaseException], str, dict[str, Any]]:
+    """The stages of :func:`retrain`: rows, failed applications, dashboard page, pre-training run."""
     if fetch_samples:
         samples_task()
-    ingest = ingest_flow.with_options(task_runner=dask_runner(ingest_on_dask)) if ingest_on_dask else ingest_flow
-    ingest(params=params)
+    if ingest_on_dask:
+        ingest_with_dask(params=params, address=ingest_on_dask)
+    else:
+        ingest_flow(params=params)
     run_stage("pretrain")
     pretrain_run = track_pretrain_task(params)
     threads = stage_threads(min(WORKERS, len(names)))
     done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
     rows = [done[a] for a in names if a in done]
     try:
-        dash = dashboard_task(params)["index"]
+        with on_board("dashboard"):
+            dash = dashboard_task(params)["index"]
     except Exception as exc:  # the models are registered: report a broken page, do not fail the retrain for it
-        logger.error("dashboard not written: %s", exc)
+        get_run_logger().error("dashboard not written: %s", exc)
         dash = f"not written ({type(exc).__name__}: {exc})"
-    create_markdown_artifact(summary_markdown(rows, pretrain_run, failed, dash), key="retrain-summary",
-                             description="MAPEX retrain: per-application models")
-    logger.info("retrain finished: %s", ", ".join(f"{r['app']} v{r['version']} ({r['decision']})" for r in rows))
-    if failed:
-        raise AppsFailed(failed, rows)
-    return rows
+    return rows, failed, dash, pretrain_run
 
 
 def summary_row(app: str, prune: dict[str, Any], metrics: dict[str, Any], reg: dict[str, Any],

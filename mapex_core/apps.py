@@ -8,18 +8,21 @@ come from the chip store.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mapex_core.gate import GateParams
+from mapex_core.metrics import METRICS
 from mapex_core.modalities import MODALITIES
+from mapex_core.names import NAME, check_name
 from mapex_core.params import load_params
 from mapex_core.pruning import PruneParams
-from mapex_core.training.metrics import METRICS
+from mapex_core.tasks import TASKS
 
-TASK_LABELS = {"multilabel": "multilabel", "multiclass": "class", "segmentation": "mask"}
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# What an application's evaluation compares (mapex_core.training.evaluate), in this order: the pruned
+# model (registered), the unpruned pre-trained model and the pruned architecture trained from scratch.
+VARIANTS = ("pruned", "unpruned", "scratch")
 
 
 @dataclass
@@ -48,15 +51,6 @@ class FinetuneParams:
 
 
 @dataclass
-class GateParams:
-    """Promotion gate thresholds (used by the registry)."""
-
-    tolerance: float = 0.01
-    max_params: int | None = None
-    max_latency_ms: float | None = None
-
-
-@dataclass
 class Application:
     """One registered application."""
 
@@ -73,7 +67,7 @@ class Application:
     @property
     def label_type(self) -> str:
         """The chip store label type this task needs."""
-        return TASK_LABELS[self.task]
+        return TASKS[self.task].label_type
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +78,7 @@ def _build(name: str, raw: dict[str, Any], source: str) -> Application:
         raise ValueError(f"{source}: application {name!r} must be a mapping, got {type(raw).__name__}")
     data = dict(raw)
     data["name"] = name
-    if not NAME.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(f"{source}: application name {name!r} must match {NAME.pattern} "
                          "(it names registered models and folders)")
     required = ("modalities", "task", "metric")
@@ -101,8 +95,8 @@ def _build(name: str, raw: dict[str, Any], source: str) -> Application:
     bad = [m for m in mods if m not in MODALITIES]
     if bad:
         raise ValueError(f"{source}: application {name!r}: unknown modalities {bad}; known: {sorted(MODALITIES)}")
-    if data["task"] not in TASK_LABELS:
-        raise ValueError(f"{source}: application {name!r}: unknown task {data['task']!r}; known: {sorted(TASK_LABELS)}")
+    if data["task"] not in TASKS:
+        raise ValueError(f"{source}: application {name!r}: unknown task {data['task']!r}; known: {sorted(TASKS)}")
     if data["metric"] not in METRICS:
         raise ValueError(f"{source}: application {name!r}: unknown metric {data['metric']!r}; known: {sorted(METRICS)}")
     if METRICS[data["metric"]] != data["task"]:
@@ -158,6 +152,7 @@ def get_application(name_or_path: str, params: str | Path | dict[str, Any] | Non
         return _build(str(raw.pop("name")), raw, str(p))
     apps = load_applications(params)
     if name_or_path not in apps:
+        check_name(name_or_path)  # a malformed name is named as such, not looked up
         raise ValueError(f"unknown application {name_or_path!r}; registered: {sorted(apps) or 'none'} "
                          "(or pass a path to an application YAML file)")
     return apps[name_or_path]
@@ -182,3 +177,14 @@ def check_compatible(app: Application, model_modalities: list[str], store_modali
     if class_names is not None and app.metric == "iou_water" and "water" not in class_names:
         raise ValueError(f"{where}: application {app.name!r} uses metric iou_water, but the chip store has no "
                          f"class named 'water'; classes: {class_names}")
+
+
+def check_model_app(info: dict[str, Any], app: str, where: str | Path) -> None:
+    """Refuse a task model (its ``task.json`` ``info``) that was made for another application than ``app``.
+
+    Raises:
+        ValueError: names the folder and both applications.
+    """
+    owner = info.get("app")
+    if owner not in (None, app):
+        raise ValueError(f"{where} is a model of application {owner!r}, not {app!r}")

@@ -43,8 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from mapex_core.contract import InputContract
-from mapex_core.lineage import file_sha256
+from mapex_core.io import atomic_write_json, file_sha256, replace_folder
 from mapex_core.model.moe import MoELayer
+from mapex_core.tasks import get_task
 
 EXPORT_BATCH = 2  # batch size of the example inputs the graph is traced with (the batch stays dynamic)
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension
@@ -89,7 +90,7 @@ class PhysicalInputModel(nn.Module):
     def __init__(self, model: nn.Module, contract: InputContract) -> None:
         super().__init__()
         self.model = model
-        self.task = contract.task
+        self.spec = get_task(contract.task)
         self.modalities = list(contract.modalities)
         self.normalized = []
         for i, m in enumerate(self.modalities):
@@ -106,7 +107,7 @@ class PhysicalInputModel(nn.Module):
                 x = (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")  # (B, C, H, W)
             inputs[m] = torch.nan_to_num(x, nan=0.0)  # nodata -> the band mean, as `mapex predict` does
         logits = self.model(inputs).float()  # (B, K) or (B, K, H, W)
-        return torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, dim=1)
+        return self.spec.probabilities(logits)
 
 
 @contextmanager
@@ -222,7 +223,7 @@ def _publish(staging: Path, out: Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700): the folder a user asked for is not
-        os.replace(staging, out)
+        replace_folder(staging, out)
         return
     for f in (*(out / x.file for x in FORMATS.values()), out / ITEM_FILE):  # no stale model of another format
         if f.is_file():
@@ -412,7 +413,7 @@ def export_task_model(model_dir: str | Path, out: str | Path, fmt: str, lineage:
         item = stac_item(model, contract, spec, path, lineage, created)
         item_dict = item.to_dict(include_self_link=False, transform_hrefs=False)
         validate_item_core(item_dict)
-        (staging / ITEM_FILE).write_text(json.dumps(item_dict, indent=2) + "\n")
+        atomic_write_json(staging / ITEM_FILE, item_dict, newline=True)
         files = sorted(f.name for f in staging.iterdir())
         _publish(staging, out)
     finally:

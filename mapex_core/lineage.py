@@ -27,15 +27,6 @@ from typing import Any
 _DVC_LOCK = threading.Lock()
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (the weights' identity in the registry)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def git_sha(root: str | Path = ".") -> str:
     """The commit of the working tree at ``root`` (``+dirty`` when it has uncommitted changes), or ``unknown``."""
     try:
@@ -138,7 +129,7 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | None = None,
-              threads: int | None = None) -> str:
+              env: dict[str, str] | None = None) -> str:
     """Run DVC stage ``name``'s command (a ``mapex`` command) in ``root``, as ``dvc repro`` would.
 
     The command runs in its own process (its own RNG, memory and GPU context), with this
@@ -146,9 +137,9 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
     without a shell: ``dvc.yaml`` commands here are single ``mapex`` calls (no ``&&`` or pipes).
 
     Args:
-        threads: CPU threads of the command (``OMP_NUM_THREADS``) when several stages run at once:
-            two 2-thread torch processes on 2 cores run 2.5x slower than two 1-thread ones
-            (measured; see BENCHMARKS.md). A value the user set in the environment wins.
+        env: extra environment of the command: its progress file and CPU threads
+            (:meth:`mapex_core.progress.StageBoard.start`; two 2-thread torch processes on 2 cores
+            run 2.5x slower than two 1-thread ones, see BENCHMARKS.md).
 
     Returns:
         The command's standard output.
@@ -158,13 +149,11 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
     """
     with _repo(root) as repo:
         cmd = _stage(repo, name).cmd
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, threads))
+    full_env = dict(os.environ) | (env or {})
+    full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if log is not None:
         log(f"{name}: {cmd}")
-    proc = subprocess.run(shlex.split(cmd), cwd=root, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(shlex.split(cmd), cwd=root, env=full_env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise StageFailed(name, cmd, proc.returncode, "\n".join(proc.stderr.strip().splitlines()[-15:]))
     return proc.stdout

@@ -12,7 +12,6 @@ it, so memory grows with the scene's width, not its height (and not its size ove
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,18 +28,9 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from mapex_core.contract import InputContract
-from mapex_core.data.raster import GDAL_CACHE_MB, Grid
+from mapex_core.data.raster import GDAL_CACHE_MB, Grid, window_offsets
+from mapex_core.io import atomic_write
 from mapex_core.modalities import MODALITIES
-
-
-def window_offsets(size: int, chip: int, stride: int) -> list[int]:
-    """Start offsets covering ``size`` pixels with windows of ``chip`` (the last one flush with the edge)."""
-    if size < chip:
-        raise ValueError(f"the scene ({size} px) is smaller than one chip ({chip} px)")
-    offs = list(range(0, size - chip + 1, stride))
-    if offs[-1] != size - chip:
-        offs.append(size - chip)
-    return offs
 
 
 def blend_weights(chip: int, overlap: int) -> np.ndarray:
@@ -202,9 +192,7 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
                     if progress is not None:
                         progress(done, total)
             _write_rows(dst, acc[:, :height - acc_top], wsum[:height - acc_top], acc_top, output)
-        cog = Path(tmp) / "scene.cog.tif"
-        rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE")
-        os.replace(cog, out)
+        atomic_write(out, lambda cog: rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE"))
     return {"out": str(out), "height": height, "width": width, "crs": str(ref.crs), "windows": total,
             "overlap": overlap, "output": output, "classes": contract.classes}
 
@@ -239,8 +227,7 @@ def _predict_windows(model: Any, contract: InputContract, strip: dict[str, np.nd
     batch = {m: torch.from_numpy(np.stack([a[:, :, c:c + chip] for c in cols])) for m, a in strip.items()}
     with torch.inference_mode():
         logits = model(batch).float()
-    probs = torch.sigmoid(logits) if contract.task == "multilabel" else torch.softmax(logits, dim=1)
-    probs = probs.numpy()
+    probs = model.spec.probabilities(logits).numpy()
     if probs.ndim == 2:  # classification: the window's class probabilities cover the whole window
         probs = np.broadcast_to(probs[:, :, None, None], (*probs.shape, chip, chip))
     return probs

@@ -1,282 +1,209 @@
-"""The pipeline's stages, each one function: what `mapex <stage>`, `dvc repro` and the Prefect flows run.
+"""The pipeline's stages, one function each: what ``mapex <stage>``, ``dvc repro`` and the Prefect flows run.
 
-Every stage reads its knobs from ``params.yaml`` and writes to the fixed layout below, so the
-DVC stage (which calls the CLI) and the Prefect task (which calls the function) produce the same
-files::
-
-    data/raw/                               samples
-    <datasets.NAME.out>                     ingest@NAME (a chip store), validated by validate@NAME
-    reports/validation/NAME/                validation.json + Great Expectations Data Docs
-    outputs/pretrain/                       pretrain: config.json, model.safetensors, metrics.json, loss.csv
-    outputs/apps/APP/pruned/                prune@APP: pruned model + prune_report.json
-    outputs/apps/APP/finetuned/             finetune@APP: task model + finetune.json
-    reports/APP/evaluation.json, metrics.json  evaluate@APP
+Each function takes the stage's knobs from ``params.yaml`` and its paths from the project layout
+(:mod:`mapex_core.project`) unless the caller names other paths: ``mapex prune --app A`` and
+``mapex prune --app A --checkpoint X --out Y`` go through the same function, so the DVC stage
+(which calls the CLI) and an explicit run differ only in the paths. The stages then call the
+library (:mod:`mapex_core.data`, :mod:`mapex_core.training`) and, for registration, the MLflow
+door (:mod:`mapex_core.tracking`); this module is the only one that reads stage outputs back
+(registration, summaries).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mapex_core.apps import NAME
-from mapex_core.params import load_params
+from mapex_core.apps import VARIANTS, Application, get_application
+from mapex_core.io import atomic_write_json
+from mapex_core.params import section
+from mapex_core.project import (
+    PARAMS,
+    PRETRAIN_DIR,
+    REPORTS_DIR,
+    PipelineParams,
+    app_paths,
+    get_dataset,
+    pretrain_chips,
+    read_params,
+)
 
-PRETRAIN_DIR = Path("outputs/pretrain")
-APPS_DIR = Path("outputs/apps")
-REPORTS_DIR = Path("reports")
-
-
-@dataclass
-class Dataset:
-    """One raw dataset -> chip store (an entry of the ``datasets`` section)."""
-
-    name: str
-    source: str
-    out: str
-    layout: str = "auto"
-    labels: str | None = None
-    label_attribute: str | None = None
-    classes: list[str] | None = None
-    chip_size: int | None = None
-    stride: int | None = None
-    split_block: int | None = None
-    crs: str | None = None
-    resolution: float | None = None
+Params = str | Path | dict[str, Any] | None  # a params file, a loaded dict, or None (./params.yaml if any)
+Progress = Callable[[int, int, dict[str, Any]], None]  # (done, total, info)
 
 
-@dataclass
-class PipelineParams:
-    """The ``pipeline`` section: what the retrain flow and ``dvc repro`` run."""
-
-    pretrain_datasets: list[str] = field(default_factory=list)
-    apps: list[str] = field(default_factory=list)
-    device: str = "auto"
-    nproc: int = 1
-    schedule: str = "0 3 * * 1"
-    timezone: str = "UTC"
+def _source(params: Params) -> str | Path | dict[str, Any]:
+    """What the application and dataset loaders read: ``params``, else ``./params.yaml`` if it exists
+    (with an ``applications.yaml`` beside it), else nothing (``{}``)."""
+    if params is not None:
+        return params
+    return PARAMS if PARAMS.is_file() else {}
 
 
-def _params(params: str | Path | dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    if isinstance(params, dict):
-        return params, "params"
-    path = Path(params) if params is not None else Path("params.yaml")
-    return load_params(path), str(path)
+def _device(device: str | None, params: Params) -> str:
+    """``device``, else ``pipeline.device`` of the params (``auto`` when unset)."""
+    if device is not None:
+        return device
+    data, source = read_params(params)
+    return section(PipelineParams, data, "pipeline", source=source).device
 
 
-def load_datasets(params: str | Path | dict[str, Any] | None = "params.yaml") -> dict[str, Dataset]:
-    """The ``datasets`` section.
+def _app_chips(app: str | Application, params: Params, chips: str | Path | None) -> tuple[Application, Path]:
+    """The application (a name in the params, a YAML file, or an object) and its chip store."""
+    application = app if isinstance(app, Application) else get_application(app, _source(params))
+    if chips is not None:
+        return application, Path(chips)
+    if not application.chips:
+        raise ValueError(f"application {application.name!r} has no 'chips' (the chip store it is trained on); "
+                         "pass --chips")
+    return application, Path(application.chips)
 
-    Raises:
-        ValueError: unknown keys, a missing ``source``/``out``, or an ``out`` not named ``NAME.zarr``
-            (the validation report folder and the DVC stage are named after the dataset).
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def ingest(dataset: str | None = None, params: Params = None, *, source: str | Path | None = None,
+           out: str | Path | None = None, layout: str | None = None, labels: str | Path | None = None,
+           label_attribute: str | None = None, classes: list[str] | None = None, reports: str | Path = REPORTS_DIR,
+           progress: Callable[[int, int, str], None] | None = None, **data: Any) -> dict[str, Any]:
+    """ingest@DATASET: raw imagery -> a validated chip store.
+
+    Args:
+        dataset: a dataset of the params' ``datasets`` (its source, store, layout, labels and ``data``
+            overrides); or ``None`` and ``source``/``out`` given.
+        data: ``data`` section overrides (``chip_size``, ``stride``, ``seed``, ``crs``, ``resolution``,
+            ``split_block``); ``None`` values are ignored. Explicit arguments win over the dataset's.
+
+    Returns:
+        The ingestion summary (:func:`mapex_core.data.ingest.ingest`).
     """
-    data, source = _params(params)
-    raw = data.get("datasets") or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: 'datasets' must be a mapping name -> settings")
-    known = set(Dataset.__dataclass_fields__) - {"name"}
-    out: dict[str, Dataset] = {}
-    for name, entry in raw.items():
-        if not isinstance(entry, dict) or "source" not in entry or "out" not in entry:
-            raise ValueError(f"{source}: dataset {name!r} needs at least 'source' and 'out'")
-        unknown = sorted(set(entry) - known)
-        if unknown:
-            raise ValueError(f"{source}: dataset {name!r} has unknown key(s) {unknown}; known: {sorted(known)}")
-        if not NAME.match(str(name)):
-            raise ValueError(f"{source}: dataset name {name!r} must match {NAME.pattern} (it names DVC stages "
-                             "and report folders)")
-        if Path(entry["out"]).name != f"{name}.zarr":
-            raise ValueError(f"{source}: dataset {name!r}: 'out' must be a chip store named {name}.zarr, "
-                             f"got {entry['out']!r}")
-        out[name] = Dataset(name=name, **entry)
-    return out
-
-
-def get_dataset(name: str, params: str | Path | dict[str, Any] | None = "params.yaml") -> Dataset:
-    """One dataset by name; the error lists the defined ones."""
-    datasets = load_datasets(params)
-    if name not in datasets:
-        raise ValueError(f"unknown dataset {name!r}; defined in params 'datasets': {sorted(datasets) or 'none'}")
-    return datasets[name]
-
-
-def load_pipeline(params: str | Path | dict[str, Any] | None = "params.yaml") -> PipelineParams:
-    """The ``pipeline`` section, checked against ``datasets`` and ``applications``."""
-    from mapex_core.apps import load_applications
-    from mapex_core.params import section
-
-    data, source = _params(params)
-    p = section(PipelineParams, data, "pipeline", source=source)
-    datasets = load_datasets(data)
-    bad = [d for d in p.pretrain_datasets if d not in datasets]
-    if bad:
-        raise ValueError(f"{source}: pipeline.pretrain_datasets names unknown dataset(s) {bad}; "
-                         f"defined: {sorted(datasets)}")
-    apps = load_applications(params if not isinstance(params, dict) else data)
-    bad = [a for a in p.apps if a not in apps]
-    if bad:
-        raise ValueError(f"{source}: pipeline.apps names unknown application(s) {bad}; registered: {sorted(apps)}")
-    elsewhere = [a for a in p.apps if a not in (data.get("applications") or {})]
-    if elsewhere:
-        raise ValueError(f"{source}: pipeline.apps {elsewhere} must be defined in this file's 'applications' "
-                         "(dvc.yaml's stages track that section), not in applications.yaml")
-    return p
-
-
-def check_params_file(params: str | Path) -> None:
-    """The pipeline (``dvc.yaml``) reads ``./params.yaml``: refuse any other file, and a folder without ``dvc.yaml``.
-
-    Raises:
-        ValueError: ``params`` is not ``./params.yaml`` or the current folder has no ``dvc.yaml``.
-    """
-    if Path(params).resolve() != Path("params.yaml").resolve():
-        raise ValueError(f"the pipeline reads ./params.yaml (dvc.yaml's stages do), not {params}; edit params.yaml "
-                         "or run from the project folder that holds it")
-    if not Path("dvc.yaml").is_file():
-        raise ValueError(f"{Path.cwd()} has no dvc.yaml: run the pipeline from the project folder")
-
-
-def pipeline_apps(params: str | Path | dict[str, Any] = "params.yaml", apps: list[str] | None = None) -> list[str]:
-    """``apps`` checked against the pipeline (default: all of ``pipeline.apps``).
-
-    Raises:
-        ValueError: an unknown application, or one not in ``pipeline.apps`` (``dvc.yaml``'s per-app
-            stages exist only for those).
-    """
-    from mapex_core.apps import load_applications
-
-    p = load_pipeline(params)
-    if not apps:
-        return list(p.apps)
-    data, source = _params(params)
-    known = load_applications(params if not isinstance(params, dict) else data)
-    unknown = [a for a in apps if a not in known]
-    if unknown:
-        raise ValueError(f"unknown application(s) {unknown}; registered: {sorted(known)}")
-    elsewhere = [a for a in apps if a not in (data.get("applications") or {})]
-    if elsewhere:
-        raise ValueError(f"application(s) {elsewhere} are not defined in {source} 'applications' (dvc.yaml's stages "
-                         "track that section only); move them there to run them in the pipeline")
-    outside = [a for a in apps if a not in p.apps]
-    if outside:
-        raise ValueError(f"application(s) {outside} are not in pipeline.apps of {source} {p.apps}: the pipeline "
-                         "(dvc.yaml) has stages only for those; add them there")
-    return list(apps)
-
-
-@dataclass(frozen=True)
-class AppPaths:
-    """Where the stages of one application write."""
-
-    pruned: Path
-    finetuned: Path
-    evaluation: Path
-    metrics: Path
-
-
-def app_paths(app: str) -> AppPaths:
-    """The fixed output layout of application ``app`` (relative to the project root)."""
-    return AppPaths(pruned=APPS_DIR / app / "pruned", finetuned=APPS_DIR / app / "finetuned",
-                    evaluation=REPORTS_DIR / app / "evaluation.json", metrics=REPORTS_DIR / app / "metrics.json")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-# --- the stages -------------------------------------------------------------------------------------
-
-def ingest_stage(dataset: str, params: str | Path = "params.yaml",
-                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Ingest dataset ``dataset`` of ``params`` into its chip store (validated)."""
-    from mapex_core.data.ingest import DataParams, ingest
+    from mapex_core.data.ingest import DataParams
+    from mapex_core.data.ingest import ingest as run_ingest
     from mapex_core.data.validation import ValidationParams
-    from mapex_core.params import section
 
-    data, source = _params(params)
-    ds = get_dataset(dataset, data)
-    dp = section(DataParams, data, "data", source=source, chip_size=ds.chip_size, stride=ds.stride,
-                 split_block=ds.split_block, crs=ds.crs, resolution=ds.resolution)
-    vp = section(ValidationParams, data, "validation", source=source)
-    return ingest(ds.source, ds.out, layout=ds.layout, params=dp, validation=vp, reports_dir=REPORTS_DIR,
-                  labels=ds.labels, label_attribute=ds.label_attribute, classes=ds.classes, progress=progress)
-
-
-def pretrain_chips(params: str | Path | dict[str, Any] = "params.yaml") -> list[Path]:
-    """The chip stores pre-training reads: those of ``pipeline.pretrain_datasets``."""
-    data, source = _params(params)
-    p = load_pipeline(params)
-    if not p.pretrain_datasets:
-        raise ValueError(f"{source}: pipeline.pretrain_datasets is empty; list the datasets to pre-train on "
-                         "or pass --chips")
-    datasets = load_datasets(data)
-    return [Path(datasets[d].out) for d in p.pretrain_datasets]
+    values, where = read_params(params)
+    if dataset is not None:
+        ds = get_dataset(dataset, values)
+        data = {k: getattr(ds, k) for k in ("chip_size", "stride", "split_block", "crs", "resolution")} | {
+            k: v for k, v in data.items() if v is not None}
+        source, out = source or ds.source, out or ds.out
+        layout, labels = layout or ds.layout, labels or ds.labels
+        label_attribute, classes = label_attribute or ds.label_attribute, classes or ds.classes
+    if source is None or out is None:
+        raise ValueError("pass --source PATH (with --out) or --dataset NAME")
+    dp = section(DataParams, values, "data", source=where, **data)
+    vp = section(ValidationParams, values, "validation", source=where)
+    return run_ingest(source, out, layout=layout or "auto", params=dp, validation=vp, reports_dir=reports,
+                      labels=labels, label_attribute=label_attribute, classes=classes, progress=progress)
 
 
-def checkpoint_matches(ckpt: Path, config: Any, params: Any, chips: list[Path]) -> bool:
-    """Whether checkpoint ``ckpt`` was written by a run with ``config``, ``params`` and ``chips``' statistics."""
-    from dataclasses import asdict
+def validate(dataset: str | None = None, params: Params = None, *, chips: str | Path | None = None,
+             reports: str | Path = REPORTS_DIR, **thresholds: Any) -> Any:
+    """validate@DATASET: the Great Expectations suite over a chip store (the store is not changed).
 
-    from mapex_core.data.chips import pooled_normalization
-    from mapex_core.training.pretrain import open_stores
+    Returns:
+        The :class:`~mapex_core.data.validation.ValidationReport`.
+    """
+    from mapex_core.data.validation import ValidationParams, validate_store
 
-    if config.normalization is None:
-        config = type(config).from_dict({**config.to_dict(), "normalization": pooled_normalization(
-            open_stores(chips, config, list(params.splits)))})
-    try:
-        saved_cfg = json.loads((ckpt / "config.json").read_text())
-        state = json.loads((ckpt / "trainer.json").read_text())
-    except (OSError, ValueError):
-        return False
-    same_config = json.loads(json.dumps(config.to_dict())) == saved_cfg
-    return same_config and json.loads(json.dumps(asdict(params))) == state.get("params")
+    values, where = read_params(params)
+    if dataset is not None:
+        chips = chips or get_dataset(dataset, values).out
+    if chips is None:
+        raise ValueError("pass --chips PATH or --dataset NAME")
+    vp = section(ValidationParams, values, "validation", source=where, **thresholds)
+    return validate_store(chips, vp, reports)
 
 
-def prune_stage(app: str, params: str | Path = "params.yaml", device: str | None = None) -> dict[str, Any]:
-    """Prune the pre-trained model for ``app`` into ``outputs/apps/APP/pruned``."""
-    from mapex_core.apps import get_application
+# --- pre-training -----------------------------------------------------------------------------------------
+
+def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, out: str | Path | None = None,
+             steps: int | None = None, batch_size: int | None = None, device: str | None = None,
+             resume: bool | None = None, overwrite: bool | None = None,
+             on_step: Progress | None = None) -> dict[str, Any]:
+    """pretrain: MAE pre-training on the chip stores of ``pipeline.pretrain_datasets`` (or ``chips``).
+
+    Args:
+        resume: ``True`` continues the newest checkpoint, ``False`` never does; ``None`` (default)
+            continues it when it was written by a run of the same model, data and params (a crash).
+        overwrite: start over when the output folder holds another run's checkpoints. Default: yes
+            for the pipeline's own folder (``outputs/pretrain``), no for a folder the caller names.
+
+    Returns:
+        The metrics (also in ``OUT/metrics.json``), with ``out``.
+    """
+    from mapex_core.model import MapexConfig
+    from mapex_core.training.pretrain import PretrainParams
+    from mapex_core.training.pretrain import pretrain as run_pretrain
+
+    values, where = read_params(params)
+    cfg = section(MapexConfig, values, "model", source=where)
+    tp = section(PretrainParams, values, "pretrain", source=where, steps=steps, batch_size=batch_size)
+    own_folder = not chips and out is None
+    stores = list(chips) if chips else pretrain_chips(_source(params))
+    out = Path(out) if out is not None else PRETRAIN_DIR
+    if overwrite is None:
+        overwrite = own_folder and resume is not True  # stale checkpoints of the pipeline's folder go
+    metrics = run_pretrain(stores, out, cfg, tp, device=_device(device, params), resume=resume,
+                           overwrite=overwrite, on_step=on_step)
+    return metrics | {"out": str(out)}
+
+
+# --- per application --------------------------------------------------------------------------------------
+
+def prune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
+          chips: str | Path | None = None, out: str | Path | None = None,
+          device: str | None = None) -> dict[str, Any]:
+    """prune@APP: the pre-trained model pruned to the application's experts (default -> ``outputs/apps/APP/pruned``)."""
     from mapex_core.training.prune import prune_app
 
-    application = get_application(app, params)
-    return prune_app(application, PRETRAIN_DIR, _chips(application), app_paths(application.name).pruned,
-                     device=device or load_pipeline(params).device)
+    application, chips = _app_chips(app, params, chips)
+    out = Path(out) if out is not None else app_paths(application.name).pruned
+    report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params))
+    return report | {"out": str(out)}
 
 
-def finetune_stage(app: str, params: str | Path = "params.yaml", device: str | None = None) -> dict[str, Any]:
-    """Fine-tune ``app``'s pruned model into ``outputs/apps/APP/finetuned``."""
-    from mapex_core.apps import get_application
+def finetune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
+             chips: str | Path | None = None, out: str | Path | None = None, seed: int | None = None,
+             device: str | None = None, on_step: Progress | None = None) -> dict[str, Any]:
+    """finetune@APP: the pruned model fine-tuned for the task (default -> ``outputs/apps/APP/finetuned``)."""
     from mapex_core.training.finetune import finetune_app
 
-    application = get_application(app, params)
+    application, chips = _app_chips(app, params, chips)
     paths = app_paths(application.name)
-    return finetune_app(application, paths.pruned, _chips(application), paths.finetuned,
-                        device=device or load_pipeline(params).device)
+    out = Path(out) if out is not None else paths.finetuned
+    summary = finetune_app(application, checkpoint or paths.pruned, chips, out, device=_device(device, params),
+                           seed=seed, on_step=on_step)
+    return summary | {"out": str(out)}
 
 
-def evaluate_stage(app: str, params: str | Path = "params.yaml", device: str | None = None) -> dict[str, Any]:
-    """Evaluate ``app`` (pruned vs unpruned vs scratch); writes ``reports/APP/{evaluation,metrics}.json``."""
-    from mapex_core.apps import get_application
-    from mapex_core.training.finetune import evaluate_app
+def evaluate(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
+             chips: str | Path | None = None, out: str | Path | None = None,
+             pretrained: str | Path | None = None, device: str | None = None,
+             on_step: Progress | None = None) -> dict[str, Any]:
+    """evaluate@APP: pruned vs unpruned vs from-scratch on the test split.
 
-    application = get_application(app, params)
+    Writes the report (default ``reports/APP/evaluation.json``) and, next to it, ``metrics.json``
+    (:func:`summary_metrics`: what DVC, MLflow and the gate read).
+    """
+    from mapex_core.training.evaluate import evaluate_app
+
+    application, chips = _app_chips(app, params, chips)
     paths = app_paths(application.name)
-    report = evaluate_app(application, paths.finetuned, _chips(application), paths.evaluation,
-                          device=device or load_pipeline(params).device, pretrained=PRETRAIN_DIR)
-    _write_json(paths.metrics, summary_metrics(report))
-    return report
+    out = Path(out) if out is not None else paths.evaluation
+    if checkpoint is None:  # the pipeline's fine-tuned model: its unpruned model is the pipeline's
+        pretrained = pretrained or PRETRAIN_DIR
+    report = evaluate_app(application, checkpoint or paths.finetuned, chips, out, device=_device(device, params),
+                          pretrained=pretrained, on_step=on_step)
+    atomic_write_json(out.parent / "metrics.json", summary_metrics(report))
+    return report | {"out": str(out)}
 
 
 def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The flat numbers of an evaluation report (DVC metrics, MLflow metrics, the gate)."""
     out: dict[str, Any] = {"metric": report["metric"], "test_chips": report["test_chips"]}
-    for variant in ("pruned", "unpruned", "scratch"):
+    for variant in VARIANTS:
         v = report[variant]
         out[variant] = {"value": v["value"], "ci95_low": v["ci95"][0], "ci95_high": v["ci95"][1],
                         "params": v["params"], "checkpoint_bytes": v["checkpoint_bytes"],
@@ -284,10 +211,46 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _chips(application: Any) -> Path:
-    if not application.chips:
-        raise ValueError(f"application {application.name!r} has no 'chips' (the chip store it is trained on)")
-    return Path(application.chips)
+# --- registration (the MLflow door) ---------------------------------------------------------------------
+
+def register_pretrained(params: Params = None) -> dict[str, Any]:
+    """Log the pre-training run and register ``mapex-pretrained`` (idempotent on the weights)."""
+    from mapex_core import lineage, tracking
+
+    values, _ = read_params(params)
+    tracking.configure()
+    chips = {str(p): lineage.output_hash(p) for p in pretrain_chips(_source(params))}
+    return tracking.log_pretrain(PRETRAIN_DIR, values, chips, lineage.git_sha())
+
+
+def register(app: str, params: Params = None, pretrain_run: dict[str, Any] | None = None,
+             root: str | Path = ".") -> dict[str, Any]:
+    """register@APP: log the application's run from its stage outputs, register ``mapex-APP`` and
+    apply the promotion gate (idempotent on the weights).
+
+    Returns:
+        ``run_id``, ``version``, ``new``, the gate ``decision`` and ``reasons``, ``aliases`` of the
+        version and the ``champion`` after the gate.
+
+    Raises:
+        ValueError: a stage output is missing (names the file and the stage to run).
+    """
+    from mapex_core import lineage, tracking
+
+    application = get_application(app, _source(params))
+    paths = app_paths(app)
+    files = {"prune report": paths.pruned / "prune_report.json", "evaluation": paths.evaluation,
+             "fine-tuning summary": paths.finetuned / "finetune.json"}
+    for what, f in files.items():
+        if not (Path(root) / f).is_file():
+            raise ValueError(f"{f}: the {what} of application {app!r} is missing; run its stages first")
+    read = {k: json.loads((Path(root) / f).read_text()) for k, f in files.items()}
+    info = {"git_sha": lineage.git_sha(root), "dvc_hash": lineage.output_hash(application.chips or "", root),
+            "chips": application.chips, "pretrain_run_id": (pretrain_run or {}).get("run_id"),
+            "pretrain_version": (pretrain_run or {}).get("version")}
+    tracking.configure(root=root)
+    return tracking.register_app(application, Path(root) / paths.finetuned, read["prune report"],
+                                 read["evaluation"], read["fine-tuning summary"], info, root=root)
 
 
 def stage_summary(stage: str) -> dict[str, Any]:

@@ -1,19 +1,16 @@
-"""Shared fixtures: the real sample data in ../shared/data and small chip stores built from it."""
+"""Shared fixtures: the real sample data in ../shared/data, small chip stores built from it, a
+throwaway Prefect API and a temporary MLflow store. Shared helpers (not fixtures) are in ``helpers.py``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from mapex_core._env import apply_quiet_defaults
+from tests.helpers import BEN_ROOT
 
 apply_quiet_defaults()
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MAPEX_SHARED_DATA", ROOT.parent / "shared" / "data"))
-BEN_ROOT = SHARED_DATA / "bigearthnet_mm_example"
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +52,18 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     storage = tmp_path_factory.mktemp("prefect_results")
     with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A temporary MLflow store: ``tmp_path`` as the current folder, tracking on its own sqlite file."""
+    import mlflow
+
+    from mapex_core import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.configure()
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    yield tmp_path
+    mlflow.set_tracking_uri(None)

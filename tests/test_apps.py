@@ -14,10 +14,11 @@ import torch
 import yaml
 
 from mapex_core.apps import get_application, load_applications
+from mapex_core.metrics import confusion_per_chip, iou_per_class, summarize
 from mapex_core.model import MapexConfig, load_model
 from mapex_core.model.heads import load_task_model
-from mapex_core.training.finetune import evaluate_app, finetune_app
-from mapex_core.training.metrics import confusion_per_chip, iou_per_class, summarize
+from mapex_core.training.evaluate import evaluate_app
+from mapex_core.training.finetune import finetune_app
 from mapex_core.training.pretrain import PretrainParams, pretrain
 from mapex_core.training.prune import prune_app
 

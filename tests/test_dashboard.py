@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -27,39 +26,8 @@ from mapex_core.dashboard.charts import (
     viridis,
 )
 from mapex_core.dashboard.collect import redact
+from tests.helpers import Elements
 from tests.pipeline_project import TINY_PARAMS
-
-
-class Elements(HTMLParser):
-    """Start tags with their attributes, and the page's text."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.text: list[str] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-    def find(self, tag: str, **attrs: str) -> list[dict[str, str]]:
-        """Elements ``tag`` whose attributes contain the given values (``class_`` matches one class)."""
-        out = []
-        for t, a in self.tags:
-            if t != tag:
-                continue
-            ok = True
-            for k, v in attrs.items():
-                if k == "class_":
-                    ok &= v in a.get("class", "").split()
-                else:
-                    ok &= a.get(k) == v
-            if ok:
-                out.append(a)
-        return out
 
 
 def test_viridis_and_ticks() -> None:

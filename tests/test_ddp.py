@@ -11,7 +11,8 @@ import torch
 
 from mapex_core.data.chips import PresenceBatchSampler
 from mapex_core.model import MapexConfig, MapexModel, load_model
-from mapex_core.training.pretrain import PretrainParams, epoch_steps, pretrain, state_hash
+from mapex_core.training.distributed import epoch_steps, state_hash
+from mapex_core.training.pretrain import PretrainParams, pretrain
 
 TINY = dict(modalities=["s1", "s2", "s2l1c"], img_size=64, patch_size=8, dim=32, depth=2, heads=2,
             moe_every=1, experts_per_modality=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 
 from mapex_core.export import (
@@ -25,24 +24,9 @@ from mapex_core.export import (
     export_task_model,
     load_exported,
 )
-from tests.test_moe import _pair
-from tests.test_predict import S1, S2, tiny
-from tests.test_registry import store  # noqa: F401 - the temporary MLflow store fixture
+from tests.helpers import ROOT, moe_layer, real_chips, switch_balance_loss, tiny, version_files
 
-ROOT = Path(__file__).resolve().parents[1]
-WINDOWS = ((0, 0), (48, 96), (240, 384), (448, 448), (128, 320))  # (row, col) of 64 px chips
 TOL = 1e-4
-
-
-def real_chips(modalities: list[str], windows=WINDOWS) -> dict[str, np.ndarray]:
-    """Physical values (S1 dB, S2 L1C TOA x 1e4) of 64 px chips of the real Sen1Floods11 scene."""
-    out = {}
-    for m, path in (("s1", S1), ("s2l1c", S2)):
-        if m in modalities:
-            with rasterio.open(path) as src:
-                out[m] = np.stack([src.read(window=rasterio.windows.Window(c, r, 64, 64)).astype(np.float32)
-                                   for r, c in windows])
-    return out
 
 
 def pyfunc(model_dir: Path):
@@ -77,7 +61,7 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("idle", [(), (0, 3)])  # every expert used, or some that get no token
 def test_dense_dispatch_equals_the_loop_oracle(top_k, idle):
-    layer = _pair(top_k)
+    layer = moe_layer(top_k)
     if idle:
         with torch.no_grad():
             layer.modality_bias[:, list(idle)] = -1e4
@@ -93,7 +77,8 @@ def test_dense_dispatch_equals_the_loop_oracle(top_k, idle):
         outs[impl] = (y.detach(), aux.detach(), xx.grad, layer.w1.grad.clone())
     (yl, auxl, gxl, gwl), (yd, auxd, gxd, gwd) = outs["loop"], outs["dense"]
     assert (yd - yl).abs().max() < 1e-5 and (gxd - gxl).abs().max() < 1e-5 and (gwd - gwl).abs().max() < 1e-5
-    assert torch.equal(auxd, auxl)
+    want = switch_balance_loss(layer, x, ids)  # the documented Switch loss, by hand from the routing
+    assert auxd.item() == pytest.approx(want, rel=1e-5) and auxl.item() == pytest.approx(want, rel=1e-5)
     _, top_idx, _ = layer.route(x, ids)
     assert len(top_idx.unique()) == 6 - len(idle)  # the routing really spreads over the experts
 
@@ -120,7 +105,6 @@ def _register_flood_model(root: Path) -> dict:
     from mapex_core import tracking
     from mapex_core.apps import get_application
     from mapex_core.model.heads import save_task_model
-    from tests.test_registry import version_files
 
     files = version_files(root, 1, 0.5)
     model = tiny(modalities=("s1", "s2l1c"))
@@ -131,7 +115,7 @@ def _register_flood_model(root: Path) -> dict:
     return tracking.register_app(app, **files)
 
 
-def test_onnx_export_of_the_champion_matches_the_served_pyfunc(store: Path) -> None:  # noqa: F811
+def test_onnx_export_of_the_champion_matches_the_served_pyfunc(store: Path) -> None:
     import mlflow
     import onnxruntime as ort
 
@@ -171,9 +155,9 @@ def test_onnx_export_of_the_champion_matches_the_served_pyfunc(store: Path) -> N
 
     # registry errors are clear (in this process: the store fixture's working folder holds the registry)
     bad = run_cli("--app", "nothing", "--format", "onnx", "--out", "x")
-    assert bad.exit_code == 1 and "no registered model 'mapex-nothing'" in bad.stderr
+    assert bad.returncode == 1 and "no registered model 'mapex-nothing'" in bad.stderr
     bad = run_cli("--app", "flood", "--alias", "gold", "--format", "onnx", "--out", "x")
-    assert bad.exit_code == 1 and "mapex-flood has no alias 'gold'" in bad.stderr
+    assert bad.returncode == 1 and "mapex-flood has no alias 'gold'" in bad.stderr
     assert not (store / "x").exists()
 
 
@@ -284,44 +268,54 @@ def test_stac_item_describes_the_contract(landcover_s1: Path, tmp_path: Path) ->
 
 
 # ----- CLI errors and the output folder ------------------------------------------------------------
-def run_cli(*args: str):
-    """The ``mapex export`` command in this process (typer's runner: same code path, no interpreter start)."""
-    from typer.testing import CliRunner
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The ``mapex export`` command in this process: the program's entry point ``mapex_core.cli.main``
+    (what the console script runs: errors as one line on standard error and an exit status), without
+    an interpreter start. Returns its exit status and output as ``subprocess.run`` would."""
+    import contextlib
+    import io
 
-    from mapex_core.cli import app
+    from mapex_core.cli import main
 
-    return CliRunner().invoke(app, ["export", *args])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", ["mapex", "export", *args])
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_errors_and_the_output_folder(landcover_s1: Path, tmp_path: Path) -> None:
     base = ["--app", "landcover-s1", "--model", str(landcover_s1)]
     res = run_cli(*base, "--format", "tflite", "--out", str(tmp_path / "a"))
-    assert res.exit_code == 1 and "unknown --format 'tflite'; choose one of: onnx, torch-export" in res.stderr
+    assert res.returncode == 1 and "unknown --format 'tflite'; choose one of: onnx, torch-export" in res.stderr
     res = run_cli("--app", "landcover-s1", "--model", str(tmp_path / "nope"), "--format", "onnx", "--out",
                   str(tmp_path / "a"))
-    assert res.exit_code == 1 and f"{tmp_path / 'nope' / 'config.json'} not found" in res.stderr
+    assert res.returncode == 1 and f"{tmp_path / 'nope' / 'config.json'} not found" in res.stderr
     res = run_cli("--app", "Bad App", "--model", str(landcover_s1), "--format", "onnx", "--out", str(tmp_path / "a"))
-    assert res.exit_code == 1 and "invalid application name 'Bad App'" in res.stderr
+    assert res.returncode == 1 and "invalid application name 'Bad App'" in res.stderr
     res = run_cli("--app", "flood-s1", "--model", str(landcover_s1), "--format", "onnx", "--out",
                   str(tmp_path / "a"))
-    assert res.exit_code == 1 and "is a model of application 'landcover-s1', not 'flood-s1'" in res.stderr
+    assert res.returncode == 1 and "is a model of application 'landcover-s1', not 'flood-s1'" in res.stderr
     (tmp_path / "file").write_text("x")
     res = run_cli(*base, "--format", "onnx", "--out", str(tmp_path / "file"))
-    assert res.exit_code == 1 and f"--out {tmp_path / 'file'} is a file, not a folder" in res.stderr
+    assert res.returncode == 1 and f"--out {tmp_path / 'file'} is a file, not a folder" in res.stderr
     assert not (tmp_path / "a").exists()
 
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
     res = run_cli(*base, "--format", "torch-export", "--out", str(busy))
-    assert res.exit_code == 1 and f"--out {busy} exists and is not empty; pass --force" in res.stderr
+    assert res.returncode == 1 and f"--out {busy} exists and is not empty; pass --force" in res.stderr
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
     res = run_cli(*base, "--format", "torch-export", "--out", str(busy), "--force")
-    assert res.exit_code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["files"] == ["item.json", "model.pt2"]
     assert sorted(p.name for p in busy.iterdir()) == ["item.json", "model.pt2", "notes.txt"]
     res = run_cli(*base, "--format", "onnx", "--out", str(busy), "--force")  # another format replaces the model
-    assert res.exit_code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in busy.iterdir()) == ["item.json", "model.onnx", "notes.txt"]
     assert (busy / "notes.txt").read_text() == "keep me"
     assert json.loads((busy / "item.json").read_text())["assets"]["model"]["href"] == "./model.onnx"

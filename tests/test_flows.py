@@ -84,9 +84,15 @@ def test_ingest_flow_on_a_local_dask_cluster(prefect_harness, ben_root: Path, tm
     from flows.pipeline import ingest_with_dask
     from mapex_core.data.chips import ChipStore
 
+    import os
+
     root = make_project(tmp_path / "proj", ben_root)
     monkeypatch.chdir(root)
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    before = {k: os.environ.get(k) for k in keys}
     out = ingest_with_dask(["bigearthnet"], n_workers=1)
+    # the cluster's settings do not leak into this process (later stages would take them as the user's)
+    assert {k: os.environ.get(k) for k in keys} == before
     ing = out["bigearthnet"]["ingest"]
     assert ing["success"] and ing["quarantined"] == 0 and ing["chips"] == out["bigearthnet"]["validate"]["chips"]
     assert len(ChipStore.open("data/chips/bigearthnet.zarr")) == ing["chips"] == 24  # 6 pairs x 2 x 2 chips

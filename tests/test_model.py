@@ -114,9 +114,36 @@ def test_load_rejects_corrupt_weights(tmp_path, model4):
         load_model(tmp_path / "nothing")
 
 
-def test_parameter_breakdown_sums_to_total(model4):
+def test_parameter_breakdown_matches_counts_derived_from_the_config(model4):
+    """Each component's count from the architecture alone (the layer shapes the config implies)."""
+    c = TINY
+    mods = ["s1", "s2", "rgb", "dem"]
+    chans = [2, 12, 3, 1]  # bands of each modality
+    m, d, p, depth = len(mods), c["dim"], c["patch_size"], c["depth"]
+    h = 4 * d  # mlp_ratio 4
+    n_moe = depth // c["moe_every"]  # every moe_every-th block
+    e = c["experts_per_modality"] * m  # no shared experts
+    dd, hd = c["decoder_dim"], 4 * c["decoder_dim"]
+
+    def mlp(width, hidden):  # Linear(width, hidden) + Linear(hidden, width)
+        return width * hidden + hidden + hidden * width + width
+
+    def block(width):  # 2 LayerNorms, qkv and output projection (the FFN counted apart)
+        return 2 * width + (width * 3 * width + 3 * width) + (width * width + width) + 2 * width
+
+    want = {
+        "patch_embed": sum(d * ch * p * p + d for ch in chans) + m * d,  # conv per modality + modality embedding
+        "experts": n_moe * e * mlp(d, h),
+        "routers": n_moe * (d * e + m * e),  # router (D, E) + modality bias (M, E)
+        "encoder_dense": depth * block(d) + (depth - n_moe) * mlp(d, h) + 2 * d,  # + final norm
+        "decoder": (d * dd + dd) + dd + m * dd  # embedding, mask token, modality embedding
+        + c["decoder_depth"] * (block(dd) + mlp(dd, hd)) + 2 * dd  # blocks + norm
+        + sum(dd * p * p * ch + p * p * ch for ch in chans),  # pixel heads
+    }
+    assert model4.config.modalities == mods and list(model4.config.in_chans.values()) == chans
     parts = model4.parameter_breakdown()
-    assert sum(parts.values()) == model4.num_parameters()
+    assert parts == want
+    assert model4.num_parameters() == sum(want.values())
     assert parts["experts"] > 0 and parts["routers"] > 0
 
 

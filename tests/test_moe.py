@@ -5,15 +5,7 @@ import torch
 
 from mapex_core.model import MoELayer
 from mapex_core.model.routing import collect_routing_stats
-
-
-def _pair(top_k: int, routing: str = "modality", seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    layer = MoELayer(dim=32, hidden_dim=64, num_experts=6, top_k=top_k, num_modalities=2,
-                     routing=routing, **kw)
-    with torch.no_grad():  # make the router matter, not only the bias
-        layer.router.normal_(std=0.5)
-    return layer
+from tests.helpers import moe_layer, switch_balance_loss
 
 
 def _run(layer, impl, x, ids):
@@ -29,14 +21,16 @@ def _run(layer, impl, x, ids):
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("routing", ["modality", "standard"])
 def test_sorted_equals_loop_outputs_and_gradients(top_k, routing):
-    layer = _pair(top_k, routing)
+    layer = moe_layer(top_k, routing)
     x = torch.randn(300, 32)
     ids = torch.randint(0, 2, (300,))
     ys, auxs, gxs, gs = _run(layer, "sorted", x, ids)
     yl, auxl, gxl, gl = _run(layer, "loop", x, ids)
     assert (ys - yl).abs().max() < 1e-5
     assert (gxs - gxl).abs().max() < 1e-5
-    assert torch.equal(auxs, auxl)
+    # the balance loss of both against the documented Switch loss computed by hand from the routing
+    want = switch_balance_loss(layer, x, ids)
+    assert auxs.item() == pytest.approx(want, rel=1e-5) and auxl.item() == pytest.approx(want, rel=1e-5)
     assert set(gs) == set(gl) and {"w1", "w2", "b1", "b2", "router"} <= set(gs)
     for name in gs:
         assert (gs[name] - gl[name]).abs().max() < 1e-5, name
@@ -45,7 +39,7 @@ def test_sorted_equals_loop_outputs_and_gradients(top_k, routing):
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("idle", [(4, 5), (0, 2)])  # idle experts at the end, or first and middle
 def test_sorted_equals_loop_with_experts_that_get_no_tokens(top_k, idle):
-    layer = _pair(top_k)
+    layer = moe_layer(top_k)
     with torch.no_grad():  # these experts can never win
         layer.modality_bias[:, list(idle)] = -1e4
     x = torch.randn(128, 32)
@@ -61,7 +55,7 @@ def test_sorted_equals_loop_with_experts_that_get_no_tokens(top_k, idle):
 
 
 def test_impl_switch_keeps_weights_and_rejects_unknown():
-    layer = _pair(2)
+    layer = moe_layer(2)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.impl = "loop"
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
@@ -74,13 +68,13 @@ def test_modality_bias_changes_routing_and_standard_ignores_modality():
     x = torch.randn(200, 32)
     ids0 = torch.zeros(200, dtype=torch.long)
     ids1 = torch.ones(200, dtype=torch.long)
-    mod = _pair(2, "modality")
+    mod = moe_layer(2, "modality")
     _, top0, _ = mod.route(x, ids0)
     _, top1, _ = mod.route(x, ids1)
     assert not torch.equal(top0, top1)
     # the bias favours each modality's own group (experts 0-2 for modality 0, 3-5 for 1)
     assert (top0 < 3).float().mean() > (top1 < 3).float().mean()
-    std = _pair(2, "standard")
+    std = moe_layer(2, "standard")
     with torch.no_grad():
         std.modality_bias.normal_(std=5.0)  # even a large bias must be ignored
     p0, s0, g0 = std.route(x, ids0)
@@ -106,7 +100,7 @@ def test_balance_loss_is_one_when_balanced_and_higher_when_collapsed():
 
 
 def test_routing_stats_mass_and_counts():
-    layer = _pair(2)
+    layer = moe_layer(2)
 
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -126,11 +120,13 @@ def test_routing_stats_mass_and_counts():
     assert torch.allclose(lr.mass.sum(1), torch.tensor([40.0, 60.0], dtype=torch.float64))
     spec = stats.specialisation()
     assert set(spec) == {"a", "b"} and all(0 <= v <= 1 for v in spec.values())
-    assert layer._stats is None  # collection switched off after the block
+    assert not layer._routing_hooks  # collection switched off after the block
+    layer(x, ids)
+    assert lr.tokens.tolist() == [40, 60]  # a pass after the block is not counted
 
 
 def test_sorted_and_loop_agree_under_bf16_autocast():
-    layer = _pair(2)
+    layer = moe_layer(2)
     x = torch.randn(256, 32)
     ids = torch.randint(0, 2, (256,))
     outs = {}
@@ -147,6 +143,6 @@ def test_sorted_and_loop_agree_under_bf16_autocast():
 
 
 def test_empty_input_returns_empty_output():
-    layer = _pair(2)
+    layer = moe_layer(2)
     y, aux = layer(torch.randn(0, 32), torch.zeros(0, dtype=torch.long))
     assert y.shape == (0, 32) and aux.item() == 0.0

@@ -1,26 +1,27 @@
 """The retrain flow end to end on a tiny config: real Prefect (test harness), real MLflow (sqlite in a
 temp project), real DVC (a temp git repo), real BigEarthNet sample chips.
 
-One project is built once for the module and the tests run in order on it: first run, cached re-run,
-one app's params changed, faults.
+One project is built once for the module. The states the tests need are module-scoped fixtures, each
+made once, on demand, on top of the one before: ``first_run`` (the first retrain), ``s1_changed``
+(landcover-s1's params changed, retrained: its gate fails) and ``promoted`` (that version promoted by
+hand). A fixture returns what was observed right after its step, so the tests check each step on that
+record; what they read from the project itself holds in every later state too. Every test passes
+alone, and the tests do not depend on each other's order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.helpers import Elements, sha
 from tests.pipeline_project import inside, make_project, run, set_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 APPS = ["landcover-s2", "landcover-s1"]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +53,77 @@ def dvc_status(root: Path) -> dict:
         return repo.status()
 
 
+def latest_artifact(key: str) -> Any:
+    """The newest Prefect artifact of ``key`` (API of the harness)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as pc:
+        return pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                 sort=ArtifactSort.CREATED_DESC, limit=1)[0]
+
+
+def retrain_project() -> list[dict[str, Any]]:
+    from flows.pipeline import retrain
+
+    return retrain(params="params.yaml", fetch_samples=False)
+
+
 STAGES = ["ingest@bigearthnet", "validate@bigearthnet", "pretrain"] + [
     f"{k}@{a}" for a in APPS for k in ("prune", "finetune", "evaluate")]
+S1_STAGES = {"prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}
 
 
-def test_first_run_registers_with_lineage(project: Path) -> None:
+# ----- the project's states (each made once per module, on top of the one before) -----------------
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> dict[str, Any]:
+    """The first retrain of the project: its rows, and what it left, read right after it."""
+    from mlflow import MlflowClient
+
+    rows = retrain_project()
+    client = MlflowClient()
+    champions = {}
+    for app in APPS:
+        v = client.get_model_version_by_alias(f"mapex-{app}", "champion")
+        champions[app] = {"version": str(v.version), "aliases": sorted(v.aliases)}
+    return {"rows": rows, "champions": champions,
+            "finetuned_sha": {app: sha(Path(f"outputs/apps/{app}/finetuned/model.safetensors")) for app in APPS},
+            "dashboard": json.loads(Path("reports/dashboard/dashboard.json").read_text()),
+            "summary": latest_artifact("retrain-summary").data}
+
+
+@pytest.fixture(scope="module")
+def s1_changed(project: Path, first_run: dict[str, Any]) -> dict[str, Any]:
+    """After the first run: landcover-s1's fine-tuning steps changed and a size bound set that its
+    model fails; retrained. What DVC saw before, the rows, the task states and the aliases after."""
+    from mlflow import MlflowClient
+
+    set_params(project, "applications.landcover-s1.finetune.steps", 5)
+    set_params(project, "applications.landcover-s1.gate", {"max_params": 1000})
+    status_before = dvc_status(project)
+    rows = {r["app"]: r for r in retrain_project()}
+    client = MlflowClient()
+    return {"status_before": status_before, "rows": rows, "states": latest_task_states(STAGES),
+            "status_after": dvc_status(project),
+            "champion": str(client.get_model_version_by_alias("mapex-landcover-s1", "champion").version),
+            "challenger": str(client.get_model_version_by_alias("mapex-landcover-s1", "challenger").version)}
+
+
+@pytest.fixture(scope="module")
+def promoted(project: Path, s1_changed: dict[str, Any]) -> dict[str, Any]:
+    """landcover-s1's version 2 (failed gate) promoted by hand: the command's JSON output."""
+    out = run(["mapex", "promote", "--app", "landcover-s1", "--version", "2", "--reason", "reviewed maps"], project)
+    return json.loads(out.stdout)
+
+
+def test_first_run_registers_with_lineage(project: Path, first_run: dict[str, Any]) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.pipeline import retrain
     from mapex_core import lineage, tracking
 
-    rows = retrain(params="params.yaml", fetch_samples=False)
+    rows = first_run["rows"]
     assert [r["app"] for r in rows] == APPS
     for r in rows:
         assert r["version"] == "1" and r["decision"] == "passed" and r["champion"] == "1"
@@ -79,8 +139,9 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     chips_hash = lineage.output_hash("data/chips/bigearthnet.zarr")
     assert chips_hash and chips_hash.endswith(".dir")
     for app in APPS:
-        v = client.get_model_version_by_alias(f"mapex-{app}", "champion")
-        assert "challenger" in v.aliases
+        champion = first_run["champions"][app]  # the champion alias right after the first run
+        assert champion["version"] == "1" and "challenger" in champion["aliases"]
+        v = client.get_model_version(f"mapex-{app}", champion["version"])
         run_ = client.get_run(v.run_id)
         tags = run_.data.tags
         assert tags["mapex.app"] == app
@@ -94,8 +155,8 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
         assert {"pruned.map_macro", "unpruned.map_macro", "scratch.map_macro", "prune.reduction"} <= set(
             run_.data.metrics)
         assert len(client.get_metric_history(v.run_id, "finetune.train_loss")) == 2  # eval_every 3, 6 steps
-        assert v.tags["gate.decision"] == "passed" and v.tags["model_sha256"] == sha(
-            Path(f"outputs/apps/{app}/finetuned/model.safetensors"))
+        # (the fine-tuned weights the first run left: a later params change replaces landcover-s1's)
+        assert v.tags["gate.decision"] == "passed" and v.tags["model_sha256"] == first_run["finetuned_sha"][app]
         arts = {a.path for a in client.list_artifacts(v.run_id, "reports")}
         assert {"reports/evaluation.json", "reports/prune_report.json", "reports/config.json"} <= arts
     pre_run = client.get_run(pre.run_id)
@@ -110,7 +171,7 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     from safetensors.torch import load_file
 
     # the flow regenerated the dashboard and linked it from a Prefect artifact
-    dash = json.loads(Path("reports/dashboard/dashboard.json").read_text())
+    dash = first_run["dashboard"]  # the page's data as the first run wrote it
     assert [a["name"] for a in dash["apps"]] == APPS and all(a["champion"] == "1" for a in dash["apps"])
     assert Path("reports/dashboard/index.html").is_file()
     from prefect import get_client
@@ -122,14 +183,9 @@ def test_first_run_registers_with_lineage(project: Path) -> None:
     want = load_file("outputs/apps/landcover-s2/finetuned/model.safetensors")
     assert set(load_file(fetched / "model.safetensors")) == set(want)
     assert sha(fetched / "model.safetensors") == sha(Path("outputs/apps/landcover-s2/finetuned/model.safetensors"))
-    # the flow run's markdown artifact: one row per application
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as pc:
-        art = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"])))[0]
+    # the flow run's markdown artifact (the first run's): one row per application
     for app in APPS:
-        row = next(line for line in art.data.splitlines() if line.startswith(f"| {app} |"))
+        row = next(line for line in first_run["summary"].splitlines() if line.startswith(f"| {app} |"))
         assert "v1 (challenger, champion)" in row and "map_macro" in row and "fewer)" in row
 
 
@@ -157,7 +213,7 @@ def _check_pyfunc_matches(app: str) -> None:
     assert meta["chip_size"] == 64 and meta["normalization"]["s2"] == model.encoder.config.normalization["s2"]
 
 
-def test_serve_champion_over_rest(project: Path) -> None:
+def test_serve_champion_over_rest(project: Path, first_run: dict[str, Any]) -> None:
     """`mapex serve`: a real server process; real chips; the contract's 4xx errors; it stays up."""
     import os
     import signal
@@ -237,45 +293,43 @@ def test_serve_champion_over_rest(project: Path) -> None:
         proc.wait(30)
 
 
-def test_rerun_is_cached_and_registers_nothing(project: Path) -> None:
-    from flows.pipeline import retrain
+def test_rerun_is_cached_and_registers_nothing(project: Path, first_run: dict[str, Any]) -> None:
     from mapex_core import tracking
 
+    tracking.configure()  # the project's store, whatever ran before
     outs = sorted(Path("outputs").rglob("*.safetensors")) + [Path("reports/landcover-s2/evaluation.json")]
     before = {p: p.stat().st_mtime_ns for p in outs}
-    rows = retrain(params="params.yaml", fetch_samples=False)
+    versions = {app: [v["version"] for v in tracking.registry_state(app)["versions"]] for app in APPS}
+    rows = retrain_project()
     states = latest_task_states(STAGES)
     assert states == dict.fromkeys(STAGES, "Cached"), states
     assert {p: p.stat().st_mtime_ns for p in outs} == before
-    assert [r["version"] for r in rows] == ["1", "1"]
-    for app in APPS:
-        assert [v["version"] for v in tracking.registry_state(app)["versions"]] == ["1"]
+    # each row reports the version already registered for the current weights (the newest one) ...
+    assert [r["version"] for r in rows] == [max(versions[app], key=int) for app in APPS]
+    for app in APPS:  # ... and no version was added
+        assert [v["version"] for v in tracking.registry_state(app)["versions"]] == versions[app]
 
 
-def test_one_app_changed_reruns_only_its_stages_and_failed_gate_keeps_champion(project: Path) -> None:
+def test_one_app_changed_reruns_only_its_stages_and_failed_gate_keeps_champion(
+        project: Path, s1_changed: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
-    from flows.pipeline import retrain
-
-    set_params(project, "applications.landcover-s1.finetune.steps", 5)
-    set_params(project, "applications.landcover-s1.gate", {"max_params": 1000})
-    assert set(dvc_status(project)) == {"prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}
-    rows = {r["app"]: r for r in retrain(params="params.yaml", fetch_samples=False)}
-    states = latest_task_states(STAGES)
-    assert {s for s, st in states.items() if st != "Cached"} == {
-        "prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}, states
-    assert dvc_status(project) == {}
+    changed = s1_changed  # observed right after the change and its retrain
+    assert set(changed["status_before"]) == S1_STAGES
+    states = changed["states"]
+    assert {s for s, st in states.items() if st != "Cached"} == S1_STAGES, states
+    assert changed["status_after"] == {}
+    rows = changed["rows"]
     s1 = rows["landcover-s1"]
     assert (s1["version"], s1["decision"], s1["champion"]) == ("2", "failed", "1")
     assert any("parameters" in r and "> max 1000" in r for r in s1["reasons"])
-    client = MlflowClient()
-    assert str(client.get_model_version_by_alias("mapex-landcover-s1", "champion").version) == "1"
-    v2 = client.get_model_version_by_alias("mapex-landcover-s1", "challenger")
+    assert changed["champion"] == "1"
+    v2 = MlflowClient().get_model_version("mapex-landcover-s1", changed["challenger"])
     assert str(v2.version) == "2" and v2.tags["gate.decision"] == "failed" and v2.tags["gate.compared_to"] == "1"
     assert rows["landcover-s2"]["version"] == "1"
 
 
-def test_dvc_stage_command_reproduces_the_flow_output(project: Path) -> None:
+def test_dvc_stage_command_reproduces_the_flow_output(project: Path, first_run: dict[str, Any]) -> None:
     """The flow and `dvc repro` run the same command: forcing the DVC stage rewrites identical weights."""
     model = Path("outputs/apps/landcover-s2/pruned/model.safetensors")
     before = sha(model)
@@ -284,7 +338,7 @@ def test_dvc_stage_command_reproduces_the_flow_output(project: Path) -> None:
     assert "prune@landcover-s2" not in dvc_status(project)
 
 
-def test_dvc_push_and_pull_with_the_default_local_remote(project: Path) -> None:
+def test_dvc_push_and_pull_with_the_default_local_remote(project: Path, first_run: dict[str, Any]) -> None:
     import shutil
 
     run(["dvc", "push", "-q"], project)
@@ -298,9 +352,8 @@ def test_dvc_push_and_pull_with_the_default_local_remote(project: Path) -> None:
     assert dvc_status(project) == {}
 
 
-def test_promote_by_hand_is_recorded(project: Path) -> None:
-    out = run(["mapex", "promote", "--app", "landcover-s1", "--version", "2", "--reason", "reviewed maps"], project)
-    assert json.loads(out.stdout)["champion"] == "2"
+def test_promote_by_hand_is_recorded(project: Path, promoted: dict[str, Any]) -> None:
+    assert promoted["champion"] == "2"  # the output of `mapex promote --app landcover-s1 --version 2`
     reg = json.loads(run(["mapex", "registry", "--app", "landcover-s1"], project).stdout)
     v2 = next(v for v in reg["versions"] if v["version"] == "2")
     assert reg["champion"] == "2" and v2["promotion"] == "manual" and v2["gate.decision"] == "failed"
@@ -308,10 +361,8 @@ def test_promote_by_hand_is_recorded(project: Path) -> None:
     assert bad.returncode == 1 and "has no version '9'; versions: [1, 2]" in bad.stderr
 
 
-def test_dashboard_shows_history_failed_gate_and_manual_promotion(project: Path) -> None:
+def test_dashboard_shows_history_failed_gate_and_manual_promotion(project: Path, promoted: dict[str, Any]) -> None:
     """After a failed gate and a manual promotion: the page says who is champion and why."""
-    from tests.test_dashboard import Elements
-
     out = json.loads(run(["mapex", "dashboard", "--out", "site"], project).stdout)
     assert out["apps"] == APPS and out["versions"] == 3 and out["layers"] >= 1
     data = json.loads(Path("site/dashboard.json").read_text())
@@ -332,8 +383,8 @@ def test_dashboard_shows_history_failed_gate_and_manual_promotion(project: Path)
     assert docs and (Path("site") / docs[0]).resolve().is_file()  # relative link: works from a file URL
 
 
-def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.pipeline import retrain
+def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, first_run: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from mapex_core import tracking
 
     bad = run(["mapex", "retrain", "--no-samples", "--app", "no-such-app"], project, check=False)
@@ -358,7 +409,7 @@ def test_faults_fail_clearly_and_a_damaged_output_is_remade(project: Path, monke
     # the flow sees the output differs from dvc.lock, re-runs pre-training (same weights), and the
     # downstream stages stay cached: nothing new is registered
     versions = {a: len(tracking.registry_state(a)["versions"]) for a in APPS}
-    retrain(params="params.yaml", fetch_samples=False)
+    retrain_project()
     assert weights.read_bytes() == good
     states = latest_task_states(STAGES)
     assert states["pretrain"] == "Completed" and states["prune@landcover-s2"] == "Cached", states

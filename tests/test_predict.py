@@ -4,6 +4,7 @@ are about windows, blending, georeferencing and memory, not about accuracy)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +14,8 @@ import pytest
 import rasterio
 import torch
 
-from bench.predict import tall_scene  # the same taller scene the benchmark maps
-from tests.conftest import SHARED_DATA
-
-S1 = SHARED_DATA / "sen1floods11_sample" / "sample" / "S1" / "Spain_7370579_S1Hand.tif"
-S2 = SHARED_DATA / "sen1floods11_sample" / "sample" / "S2" / "Spain_7370579_S2Hand.tif"
-NORM = {"s1": {"mean": [-12.0, -19.0], "std": [3.0, 4.0]}, "s2l1c": {"mean": [1500.0] * 13, "std": [800.0] * 13}}
-
-
-def tiny(task: str = "segmentation", modalities: tuple[str, ...] = ("s1",)) -> torch.nn.Module:
-    from mapex_core.model import MapexConfig, MapexModel
-    from mapex_core.model.heads import TaskModel
-
-    torch.manual_seed(0)
-    cfg = MapexConfig(modalities=list(modalities), img_size=64, patch_size=8, dim=32, depth=2, heads=2, moe_every=2,
-                      experts_per_modality=2, top_k=1, normalization={m: NORM[m] for m in modalities})
-    classes = ["dry", "water"] if task == "segmentation" else ["a", "b", "c"]
-    return TaskModel(MapexModel(cfg, with_decoder=False), task, classes, head_channels=4,
-                     input_modalities=list(modalities)).eval()
+# tall_scene: the same taller scene bench/predict.py maps
+from tests.helpers import NORM, S1, S2, tall_scene, tiny
 
 
 def chip_probs(model: torch.nn.Module, row: int, col: int) -> np.ndarray:
@@ -101,24 +86,33 @@ def test_missing_or_extra_modalities_and_bad_files_are_clear_errors(tmp_path: Pa
 
 
 RSS_SCRIPT = """
-import json, resource, sys, torch
+import json, sys
 sys.path.insert(0, sys.argv[3])
-from tests.test_predict import tiny
-from mapex_core.predict import predict_scene
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-s = predict_scene(tiny(), {"s1": sys.argv[1]}, sys.argv[2], output="probabilities", batch_size=8)
-print(json.dumps({"windows": s["windows"], "before_kb": base,
-                  "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+from tests.helpers import peak_rss_kb
+from mapex_core import delivery
+s = delivery.predict("flood-s1", {"s1": sys.argv[1]}, sys.argv[2], model=sys.argv[4], output="probabilities",
+                     batch_size=8)
+print(json.dumps({"windows": s["windows"], "peak_kb": peak_rss_kb()}))
 """
 
 
 def test_peak_memory_does_not_grow_with_scene_height(tmp_path: Path) -> None:
+    """Each scene is mapped in a fresh process, by what `mapex predict --model DIR` runs
+    (``delivery.predict``), and the process reads its own peak RSS (VmHWM) afterwards."""
+    from mapex_core.model.heads import save_task_model
+
     root = str(Path(__file__).resolve().parents[1])
+    model = tiny()
+    model.info = {"app": "flood-s1"}
+    save_task_model(model, tmp_path / "model")
+    # glibc's malloc settings not inherited from this process: an earlier test's local Dask cluster
+    # leaves MALLOC_TRIM_THRESHOLD_ in it, and the result must be the same alone and in the suite
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     runs = {}
     for repeats in (2, 16):  # 1024 x 512 and 8192 x 512 pixels
         scene = tall_scene(tmp_path / f"tall{repeats}.tif", repeats)
-        res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(scene), str(tmp_path / f"p{repeats}.tif"), root],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(scene), str(tmp_path / f"p{repeats}.tif"), root,
+                              str(tmp_path / "model")], capture_output=True, text=True, check=True, env=env)
         runs[repeats] = json.loads(res.stdout.strip().splitlines()[-1])
     small, big = runs[2], runs[16]
     assert big["windows"] > 7 * small["windows"]

@@ -1,5 +1,7 @@
 """Modality-aware pruning: selection rules, physical slicing, exactness, round-trip."""
 
+import math
+
 import pytest
 import torch
 
@@ -27,6 +29,14 @@ def _model(router_std: float = 0.05, **kw):
         for blk in m.blocks:
             blk.ffn.router.normal_(std=router_std)
     return m.eval()
+
+
+def _stored_values(model_dir) -> int:
+    """Number of values in a saved ``model.safetensors`` (from the tensor shapes in the file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is no dict
 
 
 def _batches(mods, n=3, b=4, seed=1):
@@ -58,15 +68,29 @@ def test_pruning_to_one_of_two_modalities_removes_at_least_37_percent(tmp_path):
     dev = max_encoder_deviation(full, pruned, batches, ["s2"])
     report = prune_report(full, pruned, stats, ["s2"], kept, dev, PruneParams())
     assert report["reduction"] >= 0.37, report["reduction"]
-    assert report["params_before"] == full.num_parameters() and report["params_after"] == pruned.num_parameters()
+    # the counts are the values the saved weight files hold ...
+    save_model(full, tmp_path / "full")
+    save_model(pruned, tmp_path / "p")
+    assert report["params_before"] == _stored_values(tmp_path / "full")
+    assert report["params_after"] == _stored_values(tmp_path / "p")
+    # ... and the difference is exactly what dropping S1 and the unkept experts must remove
+    d, p, dd, h, e = CFG["dim"], CFG["patch_size"], CFG["decoder_dim"], 4 * CFG["dim"], 8  # 2 x 4 experts
+    removed = d * 2 * p * p + d  # S1's patch embedding (2 bands)
+    removed += d + dd  # its rows of the encoder and decoder modality embeddings
+    removed += dd * p * p * 2 + p * p * 2  # its decoder pixel head
+    assert len(report["kept_experts"]) == CFG["depth"]  # every block is a MoE layer
+    for kept_in_layer in report["kept_experts"].values():
+        dropped = e - len(kept_in_layer)
+        removed += dropped * (d * h + h + h * d + d)  # the dropped experts' w1, b1, w2, b2
+        removed += dropped * d + (2 * e - len(kept_in_layer))  # their router columns; bias (2, E) -> (1, kept)
+    assert report["params_before"] - report["params_after"] == removed
     parts = report["params_after_by_component"]
     assert parts["patch_embed"] < report["params_before_by_component"]["patch_embed"]  # S1 embedding gone
     assert pruned.config.modalities == ["s2"] and "s1" not in pruned.patch_embed
     assert pruned.config.origin == {"pruned_from": "test"}
     assert all(len(v) >= 2 for v in report["kept_experts"].values())
     assert all(c >= 0.99 for c in report["coverage"].values())
-    # standalone: saves and loads from safetensors + JSON without the original
-    save_model(pruned, tmp_path / "p")
+    # standalone: saves (above) and loads from safetensors + JSON without the original
     del full
     again = load_model(tmp_path / "p")
     x = _batches(["s2"], n=1)[0]

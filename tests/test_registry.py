@@ -1,4 +1,5 @@
-"""MLflow registry and promotion gate (real MLflow on a temp sqlite store; tiny real task models)."""
+"""MLflow registry and promotion gate (real MLflow on a temp sqlite store, the ``store`` fixture of
+``conftest.py``; tiny real task models from ``helpers.version_files``)."""
 
 from __future__ import annotations
 
@@ -9,49 +10,13 @@ from typing import Any
 import pytest
 
 from mapex_core.apps import get_application
+from tests.helpers import version_files
 
 APP = {"modalities": ["s2"], "task": "multilabel", "metric": "map_macro", "gate": {"tolerance": 0.01}}
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import mlflow
-
-    from mapex_core import tracking
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.configure()
-    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
-
-
 def app(**gate: Any):
     return get_application("demo", {"applications": {"demo": {**APP, "gate": {**APP["gate"], **gate}}}})
-
-
-def version_files(root: Path, seed: int, value: float, latency: float = 5.0) -> dict[str, Any]:
-    """A real (tiny, untrained) task model saved in ``root/seed`` and the reports the registry reads."""
-    import torch
-
-    from mapex_core.model import MapexConfig, MapexModel
-    from mapex_core.model.heads import TaskModel, save_task_model
-
-    torch.manual_seed(seed)
-    cfg = MapexConfig(modalities=["s2"], img_size=32, patch_size=16, dim=16, depth=2, heads=2, moe_every=2,
-                      experts_per_modality=2, top_k=1)
-    model = TaskModel(MapexModel(cfg, with_decoder=False), "multilabel", ["a", "b"], head_channels=4)
-    out = root / f"model{seed}"
-    save_task_model(model, out)
-    n = model.num_parameters()
-    variant = {"value": value, "ci95": [value - 0.1, value + 0.1], "params": n, "checkpoint_bytes": 4 * n,
-               "latency_ms": latency}
-    return {"finetuned_dir": out,
-            "prune_report": {"params_before": 2 * n, "params_after": n, "reduction": 0.5, "coverage": {"1": 1.0}},
-            "evaluation": {"pruned": variant, "unpruned": dict(variant, params=2 * n), "scratch": variant},
-            "finetune_summary": {"history": {"steps": [3, 6], "train_loss": [0.7, 0.6], "val": [0.4, 0.5]}},
-            "lineage": {"git_sha": "abc", "dvc_hash": "0123.dir"}}
 
 
 def test_gate_moves_champion_only_when_not_worse(store: Path) -> None:
@@ -87,17 +52,17 @@ def test_gate_moves_champion_only_when_not_worse(store: Path) -> None:
 
 
 def test_size_and_latency_bounds() -> None:
-    from mapex_core.tracking import gate_decision
+    from mapex_core.gate import gate_decision
 
     cand = {"version": "2", "metric": "map_macro", "value": 0.9, "params": 5000, "latency_ms": 12.0}
-    ok, reasons = gate_decision(app(max_params=4000, max_latency_ms=10.0), cand, None)
+    ok, reasons = gate_decision(app(max_params=4000, max_latency_ms=10.0).gate, cand, None)
     assert not ok and reasons == ["no champion yet", "parameters 5000 > max 4000", "latency 12.00 ms > max 10.0 ms"]
     champ = {"version": "1", "metric": "miou", "value": 0.2, "params": 1, "latency_ms": 1.0}
-    ok, reasons = gate_decision(app(), cand, champ)
+    ok, reasons = gate_decision(app().gate, cand, champ)
     assert ok and "not compared" in reasons[0]
     # a NaN metric never becomes champion, and a NaN champion does not block every later version
-    assert gate_decision(app(), dict(cand, value=float("nan")), None) == (False, ["map_macro is nan: not a finite value"])
-    ok, reasons = gate_decision(app(), cand, dict(champ, metric="map_macro", value=float("nan")))
+    assert gate_decision(app().gate, dict(cand, value=float("nan")), None) == (False, ["map_macro is nan: not a finite value"])
+    ok, reasons = gate_decision(app().gate, cand, dict(champ, metric="map_macro", value=float("nan")))
     assert ok and reasons == ["champion has no finite metric value: not compared"]
 
 

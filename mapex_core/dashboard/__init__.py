@@ -9,19 +9,13 @@ CDN: it opens offline from a file URL) and ``dashboard.json`` (the same data, fo
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from mapex_core.io import atomic_write_json, atomic_write_text
+
 DEFAULT_OUT = Path("reports/dashboard")
 DEFAULT_PORT = 8765
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_dashboard(out: str | Path = DEFAULT_OUT, root: str | Path = ".",
@@ -49,8 +43,8 @@ def write_dashboard(out: str | Path = DEFAULT_OUT, root: str | Path = ".",
         raise ValueError(f"{out}: exists and is not a folder")
     data = collect(root, params)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "dashboard.json", json.dumps(data, indent=2, default=str))
-    _write_atomic(out / "index.html", render(data, out, root))
+    atomic_write_json(out / "dashboard.json", data)
+    atomic_write_text(out / "index.html", render(data, out, root))
     routing = (data["pretrain"]["routing"] or {}).get("layers", {})
     return {"index": str(out / "index.html"), "apps": [a["name"] for a in data["apps"]],
             "versions": sum(len(a["versions"]) for a in data["apps"]), "layers": len(routing)}

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mapex_core import stages
-
-VARIANTS = ("pruned", "unpruned", "scratch")
+from mapex_core import project
+from mapex_core.apps import VARIANTS
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -73,7 +72,7 @@ def _version_row(row: dict[str, Any], metric: str, aliases: dict[str, str | None
 
 
 def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path) -> dict[str, Any]:
-    paths = stages.app_paths(app.name)
+    paths = project.app_paths(app.name)
     aliases = {"champion": registry.get("champion"), "challenger": registry.get("challenger")}
     versions = [_version_row(r, app.metric, aliases) for r in registry.get("versions", [])]
     prune = _read_json(root / paths.pruned / "prune_report.json")
@@ -92,7 +91,7 @@ def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path
 
 def _dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
     """Chips per modality, per split and quarantined, from the chip store; its validation report."""
-    from mapex_core.data.chips import ChipStore
+    from mapex_core.data.dataset import ChipStore
 
     out: dict[str, Any] = {"name": ds.name, "source": ds.source, "chips_path": ds.out, "store": None,
                            "validation": None}
@@ -111,7 +110,7 @@ def _dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
             "quarantined": int(meta["quarantined"].sum()) if "quarantined" in meta else 0,
             "chip_size": store.chip_size,
         }
-    report = _read_json(root / stages.REPORTS_DIR / "validation" / ds.name / "validation.json")
+    report = _read_json(root / project.REPORTS_DIR / "validation" / ds.name / "validation.json")
     if report:
         out["validation"] = {k: report.get(k) for k in ("success", "chips", "failed_share", "max_failed_share", "docs")}
         out["validation"]["quarantined"] = len(report.get("quarantine") or {})
@@ -140,7 +139,7 @@ def collect(root: str | Path = ".", params: str | Path = "params.yaml") -> dict[
     uri = tracking.configure(root=root)
     declared = load_applications(params_path)
     try:
-        pipeline = stages.load_pipeline(params_path).apps
+        pipeline = project.load_pipeline(params_path).apps
     except ValueError:
         pipeline = []
     names = [a for a in pipeline if a in declared] + sorted(a for a in declared if a not in pipeline)
@@ -148,14 +147,14 @@ def collect(root: str | Path = ".", params: str | Path = "params.yaml") -> dict[
     apps = [_app_facts(declared[a], a in pipeline, registry["apps"][a], root) for a in names]
     apps = [a for a in apps if a["in_pipeline"] or a["versions"]]
     skipped = [a for a in names if a not in {x["name"] for x in apps}]
-    datasets = stages.load_datasets(params_path)
+    datasets = project.load_datasets(params_path)
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "project": str(root.resolve()), "git_sha": lineage.git_sha(root), "tracking_uri": redact(uri),
         "mlflow_ui": redact(registry["ui"]), "experiment_id": registry["experiment_id"],
         "apps": apps, "not_in_pipeline": skipped,
-        "pretrain": {"metrics": _read_json(root / stages.PRETRAIN_DIR / "metrics.json"),
-                     "routing": _read_json(root / stages.PRETRAIN_DIR / "routing_stats.json"),
+        "pretrain": {"metrics": _read_json(root / project.PRETRAIN_DIR / "metrics.json"),
+                     "routing": _read_json(root / project.PRETRAIN_DIR / "routing_stats.json"),
                      "registry": registry["pretrained"]},
         "datasets": [_dataset_facts(d, root) for d in datasets.values()],
     }

@@ -12,6 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from mapex_core.apps import VARIANTS
 from mapex_core.dashboard.charts import (
     PALETTE,
     Bar,
@@ -147,7 +148,7 @@ def _history_chart(app: dict[str, Any]) -> str:
         return '<p class="empty">no versions registered yet</p>'
     xs = [int(v["version"]) for v in vs]
     series = []
-    for name in ("pruned", "unpruned", "scratch"):
+    for name in VARIANTS:
         ys = [v["variants"][name]["value"] for v in vs]
         ys = [float(y) if y is not None else float("nan") for y in ys]
         titles = [f"v{v['version']} {VARIANT_LABELS[name]}: {y:.4f}" for v, y in zip(vs, ys, strict=True)]
@@ -170,7 +171,7 @@ def _evaluation_chart(app: dict[str, Any]) -> str:
     if not ev:
         return '<p class="empty">not evaluated yet</p>'
     bars = []
-    for name in ("pruned", "unpruned", "scratch"):
+    for name in VARIANTS:
         r = ev.get(name) or {}
         lo, hi = (r.get("ci95") or [None, None])[:2]
         bars.append(Bar(VARIANT_LABELS[name], float(r.get("value", float("nan"))), lo, hi, VARIANT_COLORS[name],

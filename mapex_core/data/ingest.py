@@ -22,10 +22,11 @@ from typing import Any
 
 import rasterio
 
-from mapex_core.data.chips import ChipWriter, assign_splits
 from mapex_core.data.layouts import find_scenes
 from mapex_core.data.raster import GDAL_CACHE_MB
+from mapex_core.data.sampling import assign_splits
 from mapex_core.data.scenes import SceneSpec, load_scene
+from mapex_core.data.store import ChipWriter
 from mapex_core.data.validation import (
     ValidationFailed,
     ValidationParams,

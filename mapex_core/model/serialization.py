@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mapex_core.io import atomic_write, atomic_write_text
 from mapex_core.model.config import MapexConfig
 from mapex_core.model.mapex import MapexModel
 
@@ -17,10 +18,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def save_weights(module: torch.nn.Module, path: str | Path) -> Path:
+    """Write ``module``'s ``state_dict`` to a safetensors file, atomically.
+
+    The header holds one metadata key, so re-saving the same weights gives the same bytes.
+    """
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+
+
+def write_config(path: str | Path, config: Any) -> Path:
+    """Write a config (anything with ``to_json()``) as ``path``, atomically, with a final newline."""
+    return atomic_write_text(path, config.to_json() + "\n")
 
 
 def save_model(model: MapexModel, directory: str | Path) -> Path:
@@ -29,12 +38,8 @@ def save_model(model: MapexModel, directory: str | Path) -> Path:
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
     """
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors writes a map in hash order
-    os.replace(tmp, out / WEIGHTS_NAME)
-    _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
+    save_weights(model, out / WEIGHTS_NAME)
+    write_config(out / CONFIG_NAME, model.config)
     return out
 
 

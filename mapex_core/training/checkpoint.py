@@ -14,7 +14,6 @@ intact; ``latest`` names the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mapex_core.io import atomic_write_text, replace_folder
 from mapex_core.model.mapex import MapexModel
 from mapex_core.model.serialization import load_model, save_model
 
@@ -77,11 +77,8 @@ def save_checkpoint(
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, step=step, optimizer=opt_meta)
     (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST)
+    replace_folder(tmp, final)
+    atomic_write_text(root / LATEST, final.name + "\n")
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -97,6 +94,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
             return cand
     done = [p for p in sorted(root.glob("step_*")) if (p / "trainer.json").is_file()]
     return done[-1] if done else None
+
+
+def checkpoint_matches(ckpt: str | Path, config: Any, params: Any) -> bool:
+    """Whether checkpoint ``ckpt`` was written by a run of this model ``config`` (normalisation
+    included) and these training ``params`` (a dataclass): the same run, continued after a crash."""
+    from dataclasses import asdict
+
+    try:
+        saved_cfg = json.loads((Path(ckpt) / "config.json").read_text())
+        state = json.loads((Path(ckpt) / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    same_config = json.loads(json.dumps(config.to_dict())) == saved_cfg
+    return same_config and json.loads(json.dumps(asdict(params))) == state.get("params")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MapexModel, dict[str, Any]]:

@@ -1,36 +1,37 @@
-"""Fine-tuning and evaluation of per-application models.
+"""Fine-tuning of per-application models.
 
-``finetune_app`` trains a task head (and, in ``full`` mode, the encoder) on the app's chips,
-with early stopping on the validation split. ``evaluate_app`` then compares, on the same split,
-labels and budget: the **pruned** fine-tuned model, the **unpruned** pre-trained model (fed the
-app's modalities only) and the pruned architecture trained **from scratch**, with bootstrap 95%
-intervals, parameters, checkpoint bytes and batch-1 latency.
+``finetune_app`` puts a task head on the (pruned) pre-trained encoder and trains it (and, in
+``full`` mode, the encoder) on the application's chips, with early stopping on the validation
+split; :func:`train_task` is the loop, shared with evaluation
+(:mod:`mapex_core.training.evaluate`), which trains its comparison models the same way. What the
+loss and the metric inputs are comes from the task's :class:`~mapex_core.tasks.TaskSpec`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import statistics
-import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mapex_core.apps import Application, FinetuneParams, check_compatible
-from mapex_core.data.chips import ChipStore, collate
+from mapex_core.data.dataset import ChipStore, collate
+from mapex_core.io import atomic_write_json
+from mapex_core.metrics import summarize
 from mapex_core.model import MapexModel, load_model
-from mapex_core.model.heads import TaskModel, load_task_model, save_task_model, strip_decoder
-from mapex_core.training.metrics import confusion_per_chip, summarize
-from mapex_core.training.pretrain import resolve_device
+from mapex_core.model.heads import TaskModel, save_task_model, strip_decoder
+from mapex_core.runtime import resolve_device
 
-VARIANTS = ("pruned", "unpruned", "scratch")
+StepCallback = Callable[[int, int, dict[str, Any]], None]  # (step, total steps, info)
+# torch's global RNG initialises new heads and encoders; runs that train concurrently in threads
+# (evaluation) take this lock around seeding and building, so each gets its seed's weights
+RNG_LOCK = threading.RLock()
 
 
 def open_app_store(app: Application, chips: str | Path, split: str, model_modalities: list[str],
@@ -48,15 +49,6 @@ def open_app_store(app: Application, chips: str | Path, split: str, model_modali
                           require_all=app.task == "segmentation")
 
 
-def bootstrap_groups(store: ChipStore) -> np.ndarray:
-    """Independent units for the bootstrap: the source sample, or its split block."""
-    meta = store.metadata()
-    block = int(store.ds.attrs.get("split_block") or 0)
-    if block:
-        return np.array([f"{s}/{r // block}_{c // block}" for s, r, c in zip(meta["sample"], meta["row"], meta["col"],
-                                                                             strict=True)])
-    return meta["sample"].to_numpy()
-
 
 def _batches(store: ChipStore, indices: list[int], batch_size: int, gen: torch.Generator | None) -> list[list[int]]:
     """Batches of ``indices`` that share present modalities; shuffled when ``gen`` is given."""
@@ -72,54 +64,47 @@ def _batches(store: ChipStore, indices: list[int], batch_size: int, gen: torch.G
     return out
 
 
-def _inputs(batch: dict[str, Any], modalities: list[str], dev: torch.device) -> dict[str, torch.Tensor]:
+def inputs_of(batch: dict[str, Any], modalities: list[str], dev: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a collated batch: its tensors of ``modalities``, on ``dev``."""
     return {m: batch[m].to(dev) for m in modalities if m in batch}
-
-
-def _loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, target.float())
-    if task == "multiclass":
-        return F.cross_entropy(logits, target.long())
-    return F.cross_entropy(logits, target.long(), ignore_index=-1)
 
 
 @torch.no_grad()
 def predict(model: TaskModel, store: ChipStore, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs in the form :mod:`metrics` expects, and the targets, over a whole store (store order)."""
+    """Outputs in the form :mod:`mapex_core.metrics` expects, and the targets, over a whole store (store order)."""
     model.eval()
     outs, tgts, order = [], [], []
     for idx in _batches(store, list(range(len(store))), batch_size, None):
         batch = collate([store[i] for i in idx])
-        logits = model(_inputs(batch, model.modalities, device)).float().cpu()
-        target = batch["labels"]
-        if model.task == "multilabel":
-            outs.append(torch.sigmoid(logits).numpy())
-            tgts.append(target.numpy().astype(np.int64))
-        elif model.task == "multiclass":
-            outs.append(logits.argmax(1).numpy())
-            tgts.append(target.numpy())
-        else:
-            outs.append(confusion_per_chip(logits.argmax(1).numpy(), target.numpy(), len(model.class_names)))
-            tgts.append(np.zeros(len(idx), np.int64))
+        logits = model(inputs_of(batch, model.modalities, device)).float().cpu()
+        out, tgt = model.spec.metric_inputs(logits, batch["labels"], len(model.class_names))
+        outs.append(out)
+        tgts.append(tgt)
         order.extend(idx)
     inv = np.argsort(order)
     return np.concatenate(outs)[inv], np.concatenate(tgts)[inv]
 
 
 def validation_score(model: TaskModel, store: ChipStore, metric: str, batch_size: int, device: torch.device) -> float:
+    """The metric of ``model`` on ``store`` (no interval)."""
     out, tgt = predict(model, store, batch_size, device)
     return summarize(metric, model.class_names, [out], tgt, n_boot=0)["value"]
 
 
 def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric: str, p: FinetuneParams,
-               seed: int, device: torch.device, balance_weight: float = 0.0) -> dict[str, Any]:
+               seed: int, device: torch.device, balance_weight: float = 0.0,
+               on_step: StepCallback | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place; the best validation state is restored at the end.
 
     Args:
         balance_weight: weight of the routers' balance loss (0 after pruning).
+        on_step: progress callback ``(step, total, {"loss": latest logged mean loss})``.
+
+    Returns:
+        The history: ``steps``, ``train_loss`` and ``val`` at each evaluation, the best step and value.
     """
-    torch.manual_seed(seed)
+    with RNG_LOCK:
+        torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n_train = len(train)
     if n_train == 0:
@@ -142,8 +127,8 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
             if p.mode == "linear":
                 model.encoder.eval()
             batch = collate([train[i] for i in idx])
-            logits, aux = model.forward_with_aux(_inputs(batch, model.modalities, device))
-            loss = _loss(model.task, logits, batch["labels"].to(device)) + balance_weight * aux
+            logits, aux = model.forward_with_aux(inputs_of(batch, model.modalities, device))
+            loss = model.spec.loss(logits, batch["labels"].to(device)) + balance_weight * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -168,6 +153,8 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
                     bad_evals += 1
                 if bad_evals >= p.patience:
                     step = p.steps  # early stop
+            if on_step is not None:
+                on_step(step, p.steps, {"loss": history["train_loss"][-1] if history["train_loss"] else None})
             if step >= p.steps:
                 break
     if best_state is not None:
@@ -178,39 +165,7 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
     return history
 
 
-def pruned_model_history(finetuned: str | Path) -> dict[str, Any]:
-    """The training history saved next to a fine-tuned model (empty when absent)."""
-    path = Path(finetuned) / "finetune.json"
-    return json.loads(path.read_text()).get("history", {}) if path.is_file() else {}
-
-
-def latency_ms(model: TaskModel, store: ChipStore, runs: int, device: torch.device) -> float:
-    """Median wall time of a batch-1 forward pass (after warm-up)."""
-    model.eval()
-    x = _inputs(collate([store[0]]), model.modalities, device)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(max(1, runs)):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def checkpoint_bytes(model: TaskModel) -> int:
-    """Size of the model's ``model.safetensors``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_task_model(model, tmp)
-        return (Path(tmp) / "model.safetensors").stat().st_size
-
-
-def _task_model(encoder: MapexModel, app: Application, class_names: list[str], info: dict[str, Any],
+def task_model(encoder: MapexModel, app: Application, class_names: list[str], info: dict[str, Any],
                 seed: int) -> TaskModel:
     """``encoder`` with a new task head, initialised from ``seed`` (the process's RNG is seeded randomly)."""
     torch.manual_seed(seed)
@@ -220,8 +175,12 @@ def _task_model(encoder: MapexModel, app: Application, class_names: list[str], i
 
 
 def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: str | Path,
-                 device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+                 device: str = "auto", seed: int | None = None, on_step: StepCallback | None = None) -> dict[str, Any]:
     """Fine-tune the (pruned) model in ``checkpoint`` for ``app``; writes a task model to ``out``.
+
+    Args:
+        seed: default: the application's first seed.
+        on_step: progress callback ``(step, total, info)``.
 
     Returns:
         The training summary, also written to ``out/finetune.json``.
@@ -234,7 +193,7 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
     train = open_app_store(app, chips, "train", encoder.config.modalities, norm)
     val = open_app_store(app, chips, "val", encoder.config.modalities, norm)
     origin = encoder.config.origin or {}
-    model = _task_model(encoder, app, train.class_names or [], {
+    model = task_model(encoder, app, train.class_names or [], {
         "pruned_dir": str(Path(checkpoint).resolve()),
         "pretrained_dir": origin.get("pruned_from"),
         "seed": seed,
@@ -245,115 +204,11 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
     pruned = encoder.config.kept_experts is not None
     t0 = time.perf_counter()
     history = train_task(model, train, val, app.metric, app.finetune, seed, dev,
-                         balance_weight=0.0 if pruned else encoder.config.balance_loss_weight)
+                         balance_weight=0.0 if pruned else encoder.config.balance_loss_weight, on_step=on_step)
     out = Path(out)
     save_task_model(model, out)
     summary = {"app": app.name, "metric": app.metric, "seed": seed, "parameters": model.num_parameters(),
                "history": history}
-    tmp = out / "finetune.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))  # no timings in the file: re-running gives the same bytes
-    os.replace(tmp, out / "finetune.json")
+    atomic_write_json(out / "finetune.json", summary)  # no timings in the file: re-running gives the same bytes
     return summary | {"seconds": round(time.perf_counter() - t0, 2)}
 
-
-def _variant_report(model: TaskModel, app: Application, outputs: list[np.ndarray], targets: np.ndarray,
-                    test: ChipStore, dev: torch.device, histories: list[dict[str, Any]]) -> dict[str, Any]:
-    rep = summarize(app.metric, model.class_names, outputs, targets, app.finetune.bootstrap,
-                    groups=bootstrap_groups(test))
-    rep.update(params=model.num_parameters(), checkpoint_bytes=checkpoint_bytes(model),
-               latency_ms=latency_ms(model, test, app.finetune.latency_runs, dev),
-               input_modalities=model.modalities, model_modalities=model.encoder.config.modalities,
-               training=histories)
-    return rep
-
-
-def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out: str | Path | None = None,
-                 device: str = "auto", pretrained: str | Path | None = None) -> dict[str, Any]:
-    """Compare pruned, unpruned and from-scratch models of ``app`` on the test split.
-
-    Args:
-        finetuned: a task model written by :func:`finetune_app` (the pruned variant).
-        pretrained: the unpruned pre-trained model; default: the lineage in ``finetuned``.
-
-    Returns:
-        The report (also written to ``out``): ``metric`` and, per variant, ``value``, ``ci95``,
-        ``params``, ``checkpoint_bytes``, ``latency_ms``.
-    """
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
-    pruned_model = load_task_model(finetuned, device=dev)
-    info = pruned_model.info
-    pretrained = pretrained or info.get("pretrained_dir")
-    if not pretrained or not Path(pretrained).exists():
-        raise ValueError(f"{finetuned}: the unpruned pre-trained model ({pretrained}) is not available; "
-                         "pass --pretrained DIR")
-    pruned_dir = info.get("pruned_dir")
-    cfg = pruned_model.encoder.config
-    norm = cfg.normalization
-    test = open_app_store(app, chips, "test", cfg.modalities, norm)
-    if len(test) == 0:
-        raise ValueError(f"{chips}: no test chips for application {app.name!r}")
-    train = open_app_store(app, chips, "train", cfg.modalities, norm)
-    val = open_app_store(app, chips, "val", cfg.modalities, norm)
-    seeds = app.finetune.seeds
-    classes = pruned_model.class_names
-    full = load_model(pretrained, device=dev)
-    check_compatible(app, full.config.modalities)
-    report: dict[str, Any] = {"app": app.name, "task": app.task, "metric": app.metric, "modalities": app.modalities,
-                              "chips": str(chips), "test_chips": len(test), "seeds": seeds,
-                              "label_fraction": app.finetune.label_fraction, "mode": app.finetune.mode,
-                              "pretrained": str(pretrained), "finetuned": str(finetuned)}
-
-    def run(make: Any, balance: float) -> tuple[TaskModel, list[np.ndarray], np.ndarray, list[dict]]:
-        outputs, hists, model, targets = [], [], None, None
-        for s in seeds:
-            model = make(s)
-            hists.append(train_task(model, train, val, app.metric, app.finetune, s, dev, balance))
-            o, targets = predict(model, test, app.finetune.batch_size, dev)
-            outputs.append(o)
-        return model, outputs, targets, hists
-
-    # pruned: the given fine-tuned model is used for its own seed only if it was trained on this
-    # store (same chips, splits and labels), with this budget and these classes; otherwise (and
-    # for the other seeds) the pruned model is fine-tuned here like the other variants
-    mismatch = [what for what, ok in (
-        ("chip store", info.get("chips_fingerprint") == ChipStore.open(chips, in_memory=False).fingerprint()),
-        ("fine-tuning budget", info.get("finetune") == app.finetune.__dict__),
-        ("classes", classes == (test.class_names or [])),
-    ) if not ok]
-    if mismatch and pruned_dir is None:
-        raise ValueError(f"{finetuned} was fine-tuned with a different {', '.join(mismatch)} and records no "
-                         "pruned model to fine-tune again")
-    report["pruned_checkpoint_reused"] = not mismatch
-    report["pruned_retrained_because"] = mismatch
-    classes = test.class_names or classes
-    outputs, targets = [], None
-    hists = [] if mismatch else [pruned_model_history(finetuned)]
-    for s in seeds:
-        if s == info.get("seed") and not mismatch:
-            m = pruned_model
-        else:
-            m = _task_model(load_model(pruned_dir, device=dev), app, classes, {}, s)
-            hists.append(train_task(m, train, val, app.metric, app.finetune, s, dev, 0.0))
-        o, targets = predict(m, test, app.finetune.batch_size, dev)
-        outputs.append(o)
-    report["pruned"] = _variant_report(pruned_model, app, outputs, targets, test, dev, hists)
-
-    unpruned, outs, tg, h = run(lambda s: _task_model(copy.deepcopy(full), app, classes, {}, s),
-                                full.config.balance_loss_weight)
-    report["unpruned"] = _variant_report(unpruned, app, outs, tg, test, dev, h)
-
-    def scratch(s: int) -> TaskModel:
-        torch.manual_seed(s)
-        return _task_model(MapexModel(cfg, with_decoder=False).to(dev), app, classes, {}, s)
-
-    scratch_model, outs, tg, h = run(scratch, 0.0)
-    report["scratch"] = _variant_report(scratch_model, app, outs, tg, test, dev, h)
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
-    return report

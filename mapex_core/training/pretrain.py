@@ -6,8 +6,9 @@ Outputs in ``out``: ``config.json`` + ``model.safetensors`` (final weights), ``m
 Re-running with ``resume=True`` continues from the newest checkpoint and reproduces the
 uninterrupted run: the batch order depends only on ``(seed, epoch)`` and every RNG is restored.
 
-Data-parallel training (DDP): started by ``torchrun`` (``mapex pretrain --nproc N``), which sets
-``WORLD_SIZE`` > 1, every process runs :func:`pretrain`; the model is wrapped in
+Data-parallel training (DDP, :mod:`mapex_core.training.distributed`): started by ``torchrun``
+(``mapex pretrain --nproc N``), which sets ``WORLD_SIZE`` > 1, every process runs :func:`pretrain`;
+the model is wrapped in
 ``DistributedDataParallel`` (gloo on CPU, nccl with one GPU per process on CUDA). Each step is
 ``world_size`` batches of ``batch_size`` chips, one per rank (see :func:`epoch_steps`), so a
 step sees ``batch_size * world_size`` chips. All ranks of a step get batches of the same
@@ -20,14 +21,10 @@ mask generator is saved in the checkpoint), and is refused with a ``ValueError``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,19 +35,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mapex_core.data.chips import (
-    ChipStore,
-    ConcatStores,
-    PresenceBatchSampler,
-    collate,
-    pooled_normalization,
-)
+from mapex_core.data.dataset import ChipStore, ConcatStores, collate
+from mapex_core.data.sampling import PresenceBatchSampler
+from mapex_core.data.statistics import pooled_normalization
+from mapex_core.io import atomic_write_json, atomic_write_text
 from mapex_core.model import MapexConfig, MapexModel, collect_routing_stats, save_model
 from mapex_core.training.checkpoint import (
+    checkpoint_matches,
     latest_checkpoint,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
+)
+from mapex_core.training.distributed import (
+    DistContext,
+    epoch_steps,
+    gather_generators,
+    init_distributed,
+    state_hash,
 )
 
 
@@ -73,115 +75,6 @@ class PretrainParams:
     splits: tuple[str, ...] = ("train",)
     num_workers: int = 0
     stats_batches: int = 50
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    return torch.device(device)
-
-
-@dataclass
-class DistContext:
-    """This process's place in a data-parallel run (``world == 1``: a plain single process)."""
-
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False  # the process group was created here, so it is destroyed here
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def init_distributed(device: str) -> tuple[DistContext, torch.device]:
-    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), else run alone.
-
-    The backend is gloo on CPU and nccl on CUDA, where rank ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``
-    (whatever index ``device`` names). A process group created by the caller is used as is.
-
-    Raises:
-        ValueError: the device is unknown or unavailable, or there are fewer GPUs than processes.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return DistContext(), dev
-    if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"process LOCAL_RANK={local} needs GPU {local}, but only "
-                             f"{torch.cuda.device_count()} are visible; lower --nproc")
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    ctx = DistContext(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
-    if not ctx.enabled and owns:
-        dist.destroy_process_group()
-        return DistContext(), dev
-    return ctx, dev
-
-
-def epoch_steps(sampler: PresenceBatchSampler, epoch: int, world: int) -> list[list[list[int]]]:
-    """The optimisation steps of ``epoch``: each a list of ``world`` batches, one per rank.
-
-    The batches are the sampler's seeded order (``batch_size`` chips each, per rank). Ranks of
-    one step must feed the model the same modalities, so a step takes ``world`` consecutive
-    batches *of one presence group*: walking the order, each group's batches queue up and form
-    a step when ``world`` are waiting. A group's last, incomplete step is padded with that
-    group's first batches of the epoch (as ``DistributedSampler`` pads), so no chip or group is
-    dropped. With ``world == 1`` this is exactly the sampler's order, one batch per step.
-    """
-    batches = sampler.batches(epoch)
-    if world == 1:
-        return [[b] for b in batches]
-    group_of = {i: g for g, idx in enumerate(sampler.groups) for i in idx}
-    remaining = Counter(group_of[b[0]] for b in batches)
-    seen: dict[int, list[list[int]]] = {}
-    queued: dict[int, list[list[int]]] = {}
-    steps: list[list[list[int]]] = []
-    for b in batches:
-        g = group_of[b[0]]
-        seen.setdefault(g, []).append(b)
-        queue = queued.setdefault(g, [])
-        queue.append(b)
-        remaining[g] -= 1
-        if len(queue) == world or remaining[g] == 0:
-            k = 0
-            while len(queue) < world:
-                queue.append(seen[g][k % len(seen[g])])
-                k += 1
-            steps.append(queue)
-            queued[g] = []
-    return steps
-
-
-def state_hash(model: torch.nn.Module) -> str:
-    """sha256 over the names and bytes of every ``state_dict`` entry (debugging DDP replicas)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``min_ratio``."""
@@ -257,7 +150,7 @@ def pretrain(
     config: MapexConfig,
     params: PretrainParams,
     device: str = "auto",
-    resume: bool = False,
+    resume: bool | None = False,
     overwrite: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
@@ -273,13 +166,18 @@ def pretrain(
         config: model architecture (its modalities must be in the store).
         params: training knobs; ``batch_size`` is per process.
         device: ``auto``, ``cpu`` or ``cuda``.
-        resume: continue from the newest checkpoint in ``out/checkpoints`` (starts fresh when
-            there is none).
-        overwrite: start over even if ``out/checkpoints`` holds an earlier run (deletes it).
-            Without ``resume`` or ``overwrite``, an earlier run's checkpoints are an error, so
-            a forgotten flag never throws away training.
+        resume: ``True``: continue from the newest checkpoint in ``out/checkpoints`` (starts
+            fresh when there is none). ``None``: continue it only when it was written by a run of
+            the same model, normalisation and params (a crashed run), else treat it as another
+            run's. ``False``: never continue.
+        overwrite: start over when ``out/checkpoints`` holds another run's checkpoints (they are
+            deleted). Without it, another run's checkpoints are an error, so a forgotten flag
+            never throws away training.
         on_step: progress callback ``(step, total, logs)``; ``logs["loss"]`` is the latest
             logged (``log_every``) mean loss, so the callback adds no host sync.
+
+    The model takes the configured modalities that the chip stores hold: a modality no store has
+    is left out of the model (``metrics["modalities_dropped"]`` says which), not an error.
 
     Returns:
         The metrics dict also written to ``out/metrics.json`` (on every rank).
@@ -299,18 +197,24 @@ def _pretrain(
     params: PretrainParams,
     ddp: DistContext,
     dev: torch.device,
-    resume: bool,
+    resume: bool | None,
     overwrite: bool,
     on_step: Callable[[int, int, dict[str, float]], None] | None,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     stores = open_stores(chips, config, list(params.splits))
+    held = {m for s in stores for m in s.modalities}
+    dropped = [m for m in config.modalities if m not in held]
+    if dropped:  # pre-train on what the chips hold: the model has no embedding or experts for the rest
+        config = MapexConfig.from_dict({**config.to_dict(), "modalities": [m for m in config.modalities
+                                                                           if m in held]})
     if config.normalization is None:
         config = MapexConfig.from_dict({**config.to_dict(), "normalization": pooled_normalization(stores)})
     missing = [m for m in config.modalities if m not in config.normalization]
     if missing:
-        raise ValueError(f"no chips of modalities {missing} in {chips}; the model takes {config.modalities}")
+        raise ValueError(f"no normalisation statistics for modalities {missing} in the model config; "
+                         f"the chips hold {sorted(held)}")
     store = ConcatStores([ChipStore.open(s.path, modalities=s.modalities, split=list(params.splits),
                                          normalization=config.normalization) for s in stores])
     if len(store) == 0:
@@ -327,6 +231,8 @@ def _pretrain(
     step, epoch, pos, train_time, tokens_seen, samples_seen = 0, 0, 0, 0.0, 0, 0
 
     ckpt = latest_checkpoint(ckpt_root)
+    if resume is None:  # continue a crashed run of these settings, and only that
+        resume = ckpt is not None and checkpoint_matches(ckpt, config, params)
     if ckpt is not None and not resume:
         if not overwrite:
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (newest: {ckpt.name}); "
@@ -428,7 +334,7 @@ def _pretrain(
                 state = {"epoch": epoch, "pos": pos, "history": history, "train_time": train_time,
                          "tokens_seen": tokens_seen, "samples_seen": samples_seen, "params": asdict(params),
                          "acc": pending, "acc_n": acc_n, "world_size": ddp.world}
-                saved_gens = _gather_generators(generators, mask_gen, ddp, dev)
+                saved_gens = gather_generators(generators, mask_gen, ddp, dev)
                 if ddp.is_main:
                     save_checkpoint(ckpt_root, step, model, optimizer, state, saved_gens, params.keep_checkpoints)
                 t_mark = time.perf_counter()
@@ -444,7 +350,7 @@ def _pretrain(
             epoch, pos = epoch + 1, 0
 
     if os.environ.get("MAPEX_DDP_DEBUG_HASH") == "1":  # each rank's final weights, to compare replicas
-        _write_text(out / f"rank{ddp.rank}.sha256", state_hash(model) + "\n")
+        atomic_write_text(out / f"rank{ddp.rank}.sha256", state_hash(model) + "\n")
     metrics: dict[str, Any] = {}
     if ddp.is_main:
         save_model(model, out)
@@ -467,8 +373,10 @@ def _pretrain(
             "specialisation": routing["specialisation"],
             "specialisation_per_layer": routing["specialisation_per_layer"],
         }
-        _write_json(out / "metrics.json", metrics)
-        _write_json(out / "routing_stats.json", routing)
+        if dropped:
+            metrics["modalities_dropped"] = dropped
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "routing_stats.json", routing)
         _write_loss_csv(out / "loss.csv", history)
     if ddp.enabled:  # the other ranks wait here for rank 0's files, and get its metrics
         box = [metrics]
@@ -476,38 +384,9 @@ def _pretrain(
         metrics = box[0]
     return metrics
 
-
-def _gather_generators(generators: dict[str, torch.Generator], mask_gen: torch.Generator, ddp: DistContext,
-                       dev: torch.device) -> dict[str, torch.Generator]:
-    """The generators a checkpoint saves: on rank 0 its own plus every other rank's mask generator.
-
-    A collective: every rank must call it.
-    """
-    if not ddp.enabled:
-        return generators
-    states: list[Any] = [None] * ddp.world
-    dist.all_gather_object(states, mask_gen.get_state().cpu())
-    out = dict(generators)
-    for r in range(1, ddp.world):
-        g = torch.Generator(device=dev)
-        g.set_state(states[r])
-        out[f"mask.rank{r}"] = g
-    return out
-
-
 def _write_loss_csv(path: Path, history: dict[str, list[float]]) -> None:
     """The logged loss curve as ``step,loss,recon_loss,aux_loss,lr`` rows (a ``dvc plots`` source)."""
     rows = ["step,loss,recon_loss,aux_loss,lr"]
     rows += [f"{s},{lo!r},{re_!r},{au!r},{lr!r}" for s, lo, re_, au, lr in zip(
         history["steps"], history["loss"], history["recon_loss"], history["aux_loss"], history["lr"], strict=True)]
-    _write_text(path, "\n".join(rows) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2))
+    atomic_write_text(path, "\n".join(rows) + "\n")

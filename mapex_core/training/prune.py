@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,9 @@ from typing import Any
 import torch
 
 from mapex_core.apps import Application, check_compatible
-from mapex_core.data.chips import ChipStore, PresenceBatchSampler, collate
+from mapex_core.data.dataset import ChipStore, collate
+from mapex_core.data.sampling import PresenceBatchSampler
+from mapex_core.io import atomic_write_json
 from mapex_core.model import load_model, save_model
 from mapex_core.pruning import (
     calibrate,
@@ -21,7 +21,7 @@ from mapex_core.pruning import (
     prune_report,
     select_experts,
 )
-from mapex_core.training.pretrain import resolve_device
+from mapex_core.runtime import resolve_device
 
 
 def calibration_batches(app: Application, chips: str | Path, normalization: dict[str, Any] | None,
@@ -59,7 +59,5 @@ def prune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: 
     report.update(app=app.name, calibration_chips=sum(len(b["index"]) for b in batches))
     out = Path(out)
     save_model(pruned, out)
-    tmp = out / "prune_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))  # no timings in the file: re-running gives the same bytes
-    os.replace(tmp, out / "prune_report.json")
+    atomic_write_json(out / "prune_report.json", report)  # no timings in the file: re-running gives the same bytes
     return report | {"seconds": round(time.perf_counter() - t0, 2)}

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, f1_score
 
 METRICS = {
     "map_macro": "multilabel",
@@ -52,6 +51,10 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
 
 
 def _map_macro(scores: np.ndarray, targets: np.ndarray) -> float:
+    from sklearn.metrics import (
+        average_precision_score,  # scikit-learn loads only when a metric is computed
+    )
+
     cols = targets.sum(0) > 0
     if not cols.any():
         return float("nan")
@@ -61,6 +64,8 @@ def _map_macro(scores: np.ndarray, targets: np.ndarray) -> float:
 def _f1_macro(scores: np.ndarray, targets: np.ndarray) -> float:
     """Macro F1 over the classes that are present or predicted (absent-and-unpredicted classes
     would count as 0 and drag the mean, unlike ``map_macro`` which skips them too)."""
+    from sklearn.metrics import f1_score
+
     pred = (scores >= 0.5).astype(int)
     labels = np.flatnonzero(targets.any(0) | pred.any(0))
     if labels.size == 0:

@@ -1,0 +1,87 @@
+"""Per-band statistics of a chip store: the normalisation every model trained on it uses.
+
+Computed in one streaming pass at ingestion (:class:`BandStats`: count, sum, sum of squares and a
+histogram per band, so memory does not depend on the number of chips), from the finite pixels of
+the train split only (no leakage of validation or test pixels into the normalisation; an infinite
+value in a raster is left out, not averaged into every pixel's normalisation). Several stores pool
+their statistics by pixel counts (:func:`pooled_normalization`). A store whose statistics are not
+finite (written by an older version) is refused when opened (:func:`check_statistics`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+HIST_BINS = 4096
+
+
+class BandStats:
+    """Streaming per-band count, mean, std and histogram-based 1st/99th percentiles."""
+
+    def __init__(self, n_bands: int, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.count = np.zeros(n_bands, np.float64)
+        self.total = np.zeros(n_bands, np.float64)
+        self.total_sq = np.zeros(n_bands, np.float64)
+        self.hist = np.zeros((n_bands, HIST_BINS), np.int64)
+
+    def update(self, x: np.ndarray, also: BandStats | None = None) -> None:
+        """Add the pixels of ``x`` ``(C, H, W)``; NaN pixels are skipped. ``also`` (statistics of
+        the same sensor) gets the same pixels without computing them twice."""
+        scale = HIST_BINS / (self.hi - self.lo)
+        for c in range(x.shape[0]):
+            v = x[c][np.isfinite(x[c])].astype(np.float64)  # valid pixels of band c: no NaN, no inf
+            idx = ((v - self.lo) * scale).astype(np.int64)
+            np.clip(idx, 0, HIST_BINS - 1, out=idx)
+            part = (v.size, v.sum(), np.dot(v, v), np.bincount(idx, minlength=HIST_BINS))
+            for stats in (self, also) if also is not None else (self,):
+                stats.count[c] += part[0]
+                stats.total[c] += part[1]
+                stats.total_sq[c] += part[2]
+                stats.hist[c] += part[3]
+
+    def finish(self) -> dict[str, np.ndarray]:
+        n = np.maximum(self.count, 1)
+        mean = self.total / n
+        std = np.sqrt(np.maximum(self.total_sq / n - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)
+        cdf = np.cumsum(self.hist, 1) / np.maximum(self.hist.sum(1, keepdims=True), 1)
+        width = (self.hi - self.lo) / HIST_BINS
+
+        def pct(q: float) -> np.ndarray:
+            return self.lo + (np.argmax(cdf >= q, axis=1) + 0.5) * width
+
+        return {"mean": mean, "std": std, "p01": pct(0.01), "p99": pct(0.99), "count": self.count}
+
+def pooled_normalization(stores: list[Any]) -> dict[str, dict[str, list[float]]]:
+    """Per-band mean and std over several opened chip stores (pooled by pixel counts), per modality."""
+    out: dict[str, dict[str, list[float]]] = {}
+    mods = sorted({m for s in stores for m in s.modalities})
+    for m in mods:
+        parts = [(s.ds[f"{m}_count"].values, s.ds[f"{m}_mean"].values, s.ds[f"{m}_std"].values)
+                 for s in stores if m in s.modalities]
+        n = sum(p[0] for p in parts)
+        mean = sum(p[0] * p[1] for p in parts) / np.maximum(n, 1)
+        second = sum(p[0] * (p[2] ** 2 + p[1] ** 2) for p in parts) / np.maximum(n, 1)
+        std = np.sqrt(np.maximum(second - mean**2, 0.0))
+        out[m] = {"mean": [float(v) for v in mean], "std": [float(v) if v > 1e-6 else 1.0 for v in std]}
+    return out
+
+
+def check_statistics(ds: Any, path: str | Any) -> None:
+    """Refuse a chip store (its xarray dataset ``ds``) whose normalisation statistics are not finite.
+
+    Raises:
+        ValueError: names the store, the modality and the band.
+    """
+    for m in ds.attrs.get("modalities", []):
+        mean, std = np.asarray(ds[f"{m}_mean"].values), np.asarray(ds[f"{m}_std"].values)
+        bad = ~(np.isfinite(mean) & np.isfinite(std))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            band = str(ds[f"band_{m}"].values[j])
+            raise ValueError(f"{path}: the normalisation statistics of {m} band {band} are not finite (mean "
+                             f"{mean[j]}, std {std[j]}): a model trained on them would see no data; ingest the "
+                             "source again (statistics now leave out non-finite pixels)")

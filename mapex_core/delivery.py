@@ -1,0 +1,152 @@
+"""Getting the platform's models to their users: maps, exports, a served model, a look at the registry.
+
+Each function is what one ``mapex`` command does after parsing: it finds the task model (a
+registered version ``mapex-APP@ALIAS`` through :mod:`mapex_core.tracking`, or a local folder),
+checks it belongs to the application, and hands it to the library (:mod:`mapex_core.predict`,
+:mod:`mapex_core.export`) or to ``mlflow models serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mapex_core.apps import check_model_app
+from mapex_core.names import check_alias, check_name
+
+
+def task_model_folder(app: str, alias: str = "champion", model: str | Path | None = None
+                      ) -> tuple[Path, dict[str, Any]]:
+    """The folder of ``app``'s task model and where it came from.
+
+    Args:
+        app: the application.
+        alias: the registry alias to fetch (when ``model`` is not given).
+        model: a local task model folder instead of the registry.
+
+    Returns:
+        ``(folder, lineage)``; ``lineage`` names the registered version, run, git SHA and DVC hash, or
+        the local source.
+
+    Raises:
+        ValueError: a bad name, no such version or alias, or a model of another application.
+    """
+    check_name(app)
+    check_alias(alias)
+    if model is None:
+        from mapex_core import tracking
+
+        tracking.configure()
+        lineage = tracking.version_lineage(app, alias)
+        folder = tracking.download_task_model(app, alias)
+    else:
+        folder, lineage = Path(model), {"app": app, "source": str(model)}
+    task = folder / "task.json"
+    try:
+        info = json.loads(task.read_text()) if task.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{task}: not valid JSON ({exc})") from exc
+    check_model_app(info, app, folder)
+    return folder, lineage
+
+
+def predict(app: str, inputs: dict[str, str | Path], out: str | Path, alias: str = "champion",
+            model: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+            **options: Any) -> dict[str, Any]:
+    """``mapex predict``: map whole scenes with ``app``'s model into a georeferenced COG.
+
+    Args:
+        inputs: modality -> scene file.
+        options: :func:`mapex_core.predict.predict_scene` options (``output``, ``overlap``, ``batch_size``).
+    """
+    from mapex_core._env import return_freed_memory
+    from mapex_core.model.heads import load_task_model
+    from mapex_core.predict import predict_scene
+
+    return_freed_memory()  # an inference process: freed activations go back to the OS
+    folder, _ = task_model_folder(app, alias, model)
+    return predict_scene(load_task_model(folder), inputs, out, progress=progress, **options)
+
+
+def export(app: str, fmt: str, out: str | Path, alias: str = "champion", model: str | Path | None = None,
+           force: bool = False) -> dict[str, Any]:
+    """``mapex export``: ``app``'s model as ONNX or a ``torch.export`` program, with a STAC item."""
+    from mapex_core.export import FORMATS, ExportError, check_out_dir, export_task_model
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    check_out_dir(out, force)  # before any download
+    folder, lineage = task_model_folder(app, alias, model)
+    return export_task_model(folder, out, fmt, lineage, force=force)
+
+
+def serve_command(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001,
+                  workers: int = 1) -> tuple[list[str], dict[str, str], str]:
+    """``mapex serve``: the ``mlflow models serve`` command line for ``mapex-APP@ALIAS``.
+
+    Returns:
+        ``(argv, environment, version)``: the caller replaces its process with it.
+    """
+    from mapex_core import tracking
+
+    check_name(app)
+    check_alias(alias)
+    uri = tracking.configure()
+    version = tracking.model_version_for(app, alias)
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    # mlflow runs `uvicorn` from PATH: this environment's bin folder first
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    argv = [mlflow_bin, "models", "serve", "-m", f"models:/{tracking.registered_name(app)}@{alias}",
+            "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers)]
+    return argv, env, version
+
+
+def registry_view(app: str) -> dict[str, Any]:
+    """``mapex registry``: the versions of ``mapex-APP`` with aliases, metric and gate decision.
+
+    Raises:
+        ValueError: the application has no versions yet.
+    """
+    from mapex_core import tracking
+
+    tracking.configure()
+    state = tracking.registry_state(check_name(app))
+    if not state["versions"]:
+        raise ValueError(f"no versions of {state['model']} yet; run `mapex retrain`")
+    keys = ("metric", "metric_value", "params", "gate.decision", "promotion", "git_sha", "dvc_hash")
+    return {"model": state["model"], "champion": state["champion"], "challenger": state["challenger"],
+            "versions": [{"version": v["version"], "aliases": v["aliases"], **{k: v["tags"].get(k) for k in keys},
+                          "gate.reasons": json.loads(v["tags"].get("gate.reasons", "[]"))}
+                         for v in state["versions"]]}
+
+
+def promote(app: str, version: str, reason: str = "") -> dict[str, Any]:
+    """``mapex promote``: move ``champion`` of ``mapex-APP`` to ``version`` by hand (recorded as manual)."""
+    from mapex_core import tracking
+
+    check_name(app)
+    tracking.configure()
+    return tracking.promote(app, version, reason)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """``mapex info``: a model folder (config, parameters) or a chip store (chips, splits, bands)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from mapex_core.model import load_model
+
+        model = load_model(path)
+        return {"config": model.config.to_dict(), "parameters": model.num_parameters(),
+                "breakdown": model.parameter_breakdown()}
+    from mapex_core.data.dataset import ChipStore
+
+    store = ChipStore.open(path)
+    meta = store.metadata()
+    return {"chips": len(store), "modalities": store.modalities, "chip_size": store.ds.attrs.get("chip_size"),
+            "splits": meta["split"].value_counts().to_dict(), "classes": store.class_names,
+            "bands": {m: list(store.band_stats(m).index) for m in store.modalities}}

@@ -1,0 +1,154 @@
+"""The MLflow door: which tracking store, and logging runs and models into it.
+
+* Store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlflow/mlflow.db`` with
+  artifacts under ``<project>/mlflow/artifacts`` (``mlflow/server.sh`` serves the UI on it).
+  :func:`configure` points MLflow at it and checks that it answers.
+* Models are logged as *models from code* (the small ``mapex_pyfunc.py`` below, written at log
+  time, loads :class:`~mapex_core.tracking.served.MapexPyfunc`) whose artifacts are the model's
+  ``config.json``/``task.json`` + ``model.safetensors``: nothing is pickled.
+
+What is registered under which name, aliases and the promotion gate are in
+:mod:`~mapex_core.tracking.registry`; the served model is :mod:`~mapex_core.tracking.served`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from contextlib import suppress
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mapex_core.errors import MapexError
+from mapex_core.tracking.served import signature
+
+EXPERIMENT = "mapex"
+STORE_DIR = Path("mlflow")
+_REQUIREMENT_PACKAGES = ("torch", "mlflow", "safetensors", "numpy", "pyyaml")
+_MODEL_CODE = '''"""MAPEX pyfunc model (models from code: nothing pickled). Needs the mapex package installed."""
+from mlflow.models import set_model
+
+from mapex_core.tracking import MapexPyfunc
+
+set_model(MapexPyfunc())
+'''
+
+
+class TrackingError(MapexError, RuntimeError):
+    """The tracking store or registry is unreachable or refused an operation."""
+
+
+def default_tracking_uri(root: str | Path = ".") -> str:
+    """``sqlite:///<root>/mlflow/mlflow.db`` (absolute)."""
+    return f"sqlite:///{(Path(root) / STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def configure(uri: str | None = None, root: str | Path = ".") -> str:
+    """Point MLflow at ``uri`` (default :func:`tracking_uri`), check it answers, create the experiment.
+
+    Raises:
+        TrackingError: a server that does not answer, or a store that cannot be opened.
+    """
+    uri = uri or tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        client = MlflowClient()
+        if client.get_experiment_by_name(EXPERIMENT) is None:
+            artifacts = None
+            if uri.startswith("sqlite:///"):
+                artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+            with suppress(MlflowException):  # created concurrently by another run
+                client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow tracking store {uri}: {exc}") from exc
+    return uri
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            if resp.status != 200:
+                raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it (mlflow/server.sh) "
+                            "or unset MLFLOW_TRACKING_URI to use the local sqlite store") from exc
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what loading a MAPEX pyfunc needs (no local version labels such as ``+cpu``)."""
+    reqs = []
+    for pkg in _REQUIREMENT_PACKAGES:
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value if isinstance(value, int | float | str | bool) or value is None else json.dumps(value)
+    return out
+
+
+def log_dataset(path: str | Path, digest: str | None, context: str) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local file source
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
+    name = Path(path).name
+    ds = MetaDataset(source=source, name=name, digest=(digest or "untracked").removesuffix(".dir")[:36])
+    mlflow.log_input(ds, context=context)
+
+
+def log_model_version(artifact_key: str, model_dir: Path, files: tuple[str, ...], registered: str,
+                metadata: dict[str, Any] | None = None) -> str:
+    """Log the model in ``model_dir`` as a models-from-code pyfunc and register it; returns the version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "mapex_pyfunc.py"
+        code.write_text(_MODEL_CODE)
+        weights = Path(tmp) / artifact_key
+        weights.mkdir()
+        for name in files:
+            (weights / name).write_bytes((model_dir / name).read_bytes())
+        with warnings.catch_warnings():  # no input example: the input contract (metadata) documents the input
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
+                                           artifacts={artifact_key: str(weights)}, pip_requirements=pip_requirements(),
+                                           registered_model_name=registered, metadata=metadata,
+                                           signature=signature())
+    return str(info.registered_model_version)
+
+
+def ui_base_url() -> str:
+    """Where the MLflow UI of this store is: the tracking server itself when it is one, else the address
+    ``mlflow/server.sh`` (``make mlflow-ui``) serves the project's store on."""
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
