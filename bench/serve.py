@@ -1,7 +1,7 @@
 """REST serving latency and throughput of a registered application model, against the in-process model.
 
 Needs a project whose registry holds the app (run ``make demo`` first). Starts ``mapex serve``
-(a real ``mlflow models serve`` process, 1 worker) twice: as shipped (uvicorn on uvloop +
+(a real server process, 1 worker: MLflow's scoring app behind MAPEX's request guard) twice: as shipped (uvicorn on uvloop +
 httptools) and on uvicorn's pure-Python stack (asyncio + h11). Sends 1-chip requests of real test
 chips of the app's chip store and measures in the same run, in alternating blocks, the p50/p99
 latency of:
@@ -16,7 +16,7 @@ latency of:
 
 The floor: the same request to the same server stack serving a model that returns at once (its
 process imports torch and MAPEX and sets the serving malloc threshold, as the real one does):
-what ``mlflow models serve`` costs on its own for this body, whatever the model.
+what the server stack costs on its own for this body, whatever the model.
 
 Then the throughput of compact requests at concurrency 1 and 8 over ``--requests`` requests each
 (errors counted). Prints a table, then one JSON line.
@@ -128,7 +128,7 @@ def floor_store(tmp: Path) -> str:
     Leaves this process's tracking URI as it was."""
     import mlflow
 
-    from mapex_core import tracking
+    from mapex_core.tracking.served import signature
 
     prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     uri = f"sqlite:///{tmp / 'floor.db'}"
@@ -141,7 +141,7 @@ def floor_store(tmp: Path) -> str:
         exp = client.create_experiment("bench-serve-floor", artifact_location=(tmp / "floor-artifacts").as_uri())
         with mlflow.start_run(experiment_id=exp):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=[],
-                                           registered_model_name="mapex-bench-floor", signature=tracking._signature())
+                                           registered_model_name="mapex-bench-floor", signature=signature())
         client.set_registered_model_alias("mapex-bench-floor", "champion", str(info.registered_model_version))
     finally:
         mlflow.set_tracking_uri(prev[0])
@@ -158,6 +158,7 @@ def scaled_store(app_name: str, dim: int, depth: int, heads: int, tmp: Path) -> 
     from mapex_core.model import MapexModel
     from mapex_core.model.config import MapexConfig
     from mapex_core.model.heads import TaskModel, load_task_model, save_task_model
+    from mapex_core.tracking.store import log_model_version
 
     champion = load_task_model(tracking.download_task_model(app_name, "champion", tmp / "champion"))
     data = champion.encoder.config.to_dict()
@@ -176,9 +177,8 @@ def scaled_store(app_name: str, dim: int, depth: int, heads: int, tmp: Path) -> 
     client = mlflow.MlflowClient()
     exp = client.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
-        ver = tracking._log_pyfunc("task_model", d, ("config.json", "task.json", "model.safetensors"),
-                                   tracking.registered_name(app_name),
-                                   metadata={"mapex_contract": tracking.task_contract(d)})
+        ver = log_model_version("task_model", d, ("config.json", "task.json", "model.safetensors"),
+                                tracking.registered_name(app_name), metadata={"mapex_contract": tracking.task_contract(d)})
     client.set_registered_model_alias(tracking.registered_name(app_name), "champion", ver)
     print(f"scaled model: dim {dim}, depth {depth}, heads {heads}: {model.num_parameters() / 1e6:.2f} M parameters",
           flush=True)

@@ -7,6 +7,8 @@ those, so ``--help`` is instant. Errors become one line on standard error and an
 shows the traceback instead. The orchestration commands (``retrain``, ``deploy``) need Prefect:
 they live in :mod:`flows.cli` and join this program through the ``mapex.commands`` entry points
 declared in ``pyproject.toml``.
+
+Why this module is long: one function per command, each with its options and their help texts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 PLUGIN_GROUP = "mapex.commands"  # entry points that add commands (flows.cli: retrain, deploy)
+FORCE = typer.Option(False, "--force", help="Write even where OUT holds what MAPEX did not write (the error says how).")
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
@@ -81,6 +84,9 @@ def ingest(
                                      "modality's."),
     split_block: int = typer.Option(None, help="Split blocks of this many pixels inside each scene instead of "
                                     "whole scenes/tiles."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Let a STAC catalog read files "
+                                             "outside its own folder (params data.allow_outside_paths, else "
+                                             "refused)."),
     labels: Path = typer.Option(None, help="Vector labels (GeoPackage, GeoJSON...) for the scenes layout."),
     label_attribute: str = typer.Option(None, help="Class column of the vector labels."),
     classes: str = typer.Option(None, help="Comma-separated class names in id order (masks; vectors default to "
@@ -89,6 +95,7 @@ def ingest(
     params: Path = typer.Option(None, help="params.yaml whose 'data' and 'validation' sections give the defaults "
                                 "(default: ./params.yaml when it exists)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    force: bool = FORCE,
 ) -> None:
     """Co-register, chip, validate and store imagery as a chip store; prints a JSON summary.
 
@@ -100,10 +107,11 @@ def ingest(
 
     with progress(f"ingest {dataset or ''}".strip(), quiet) as update:
         summary = stages.ingest(dataset, params, source=source, out=out, layout=layout, labels=labels,
-                                label_attribute=label_attribute,
+                                label_attribute=label_attribute, force=force,
                                 classes=[c.strip() for c in classes.split(",")] if classes else None,
                                 reports=reports, progress=update, chip_size=chip_size, stride=stride, seed=seed,
-                                crs=crs, resolution=resolution, split_block=split_block)
+                                crs=crs, resolution=resolution, split_block=split_block,
+                                allow_outside_paths=allow_outside_paths or None)
     print_json(summary)
 
 
@@ -153,6 +161,7 @@ def pretrain(
     quiet: bool = typer.Option(False, help="No progress bar."),
     nproc: int = typer.Option(1, min=1, help="Data-parallel processes (DDP via torchrun; gloo on CPU, one GPU "
                               "each on CUDA); the batch size is per process."),
+    force: bool = FORCE,
 ) -> None:
     """Pre-train a MAPEX model (multi-modal masked autoencoder) on chip stores.
 
@@ -172,7 +181,7 @@ def pretrain(
     with progress("pretrain", quiet or rank > 0) as update:
         metrics = stages.pretrain(params, chips=list(chips or []), out=out, steps=steps, batch_size=batch_size,
                                   device=device, resume=True if resume else (False if overwrite else None),
-                                  overwrite=True if overwrite else None,
+                                  overwrite=True if overwrite else None, force=force,
                                   on_step=lambda s, total, logs: update(s, total, _step_info(logs)))
     if rank > 0:
         return
@@ -209,6 +218,7 @@ def prune(
     out: Path = typer.Option(None, help="Output folder (default: outputs/apps/APP/pruned)."),
     params: Path = PARAMS_OPT,
     device: str = DEVICE,
+    force: bool = FORCE,
 ) -> None:
     """Keep only the experts the app's modalities use; write a standalone pruned model and a report.
 
@@ -216,7 +226,7 @@ def prune(
     """
     from mapex_core import stages
 
-    report = stages.prune(app_name, params, checkpoint=checkpoint, chips=chips, out=out, device=device)
+    report = stages.prune(app_name, params, checkpoint=checkpoint, chips=chips, out=out, device=device, force=force)
     print_json({k: report[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts",
                                        "coverage", "max_output_deviation", "seconds", "out")})
 
@@ -232,6 +242,7 @@ def finetune(
     seed: int = typer.Option(None, help="Seed (default: the app's first seed)."),
     device: str = DEVICE,
     quiet: bool = typer.Option(False, help="No progress bar."),
+    force: bool = FORCE,
 ) -> None:
     """Fine-tune a task head (and the encoder in 'full' mode) with early stopping on the val split.
 
@@ -241,6 +252,7 @@ def finetune(
 
     with progress(f"finetune {app_name}", quiet) as update:
         summary = stages.finetune(app_name, params, checkpoint=checkpoint, chips=chips, out=out, seed=seed,
+                                  force=force,
                                   device=device, on_step=lambda s, total, info: update(s, total, _step_info(info)))
     hist = summary["history"]
     print_json({"app": summary["app"], "metric": summary["metric"], "best_val": hist["best_val"],
@@ -261,6 +273,7 @@ def evaluate(
     params: Path = PARAMS_OPT,
     device: str = DEVICE,
     quiet: bool = typer.Option(False, help="No progress bar."),
+    force: bool = FORCE,
 ) -> None:
     """Pruned vs unpruned vs from-scratch on the test split, same labels and budget; JSON report.
 
@@ -271,6 +284,7 @@ def evaluate(
 
     with progress(f"evaluate {app_name}", quiet) as update:
         report = stages.evaluate(app_name, params, checkpoint=checkpoint, chips=chips, out=out, pretrained=pretrained,
+                                 force=force,
                                  device=device, on_step=lambda s, total, info: update(s, total, _step_info(info)))
     print_json({"app": report["app"], "metric": report["metric"], "test_chips": report["test_chips"],
                 "out": report["out"]}
@@ -309,19 +323,24 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; the default keeps it on this machine."),
     port: int = typer.Option(5001, min=1, max=65535, help="Port."),
     workers: int = typer.Option(1, min=1, help="Server worker processes."),
+    max_body_mb: float = typer.Option(None, "--max-body-mb", min=0.001, max=4096,
+                                      help="Largest request body in MiB (default: the model's largest valid "
+                                      "request in the compact form, at least 32)."),
 ) -> None:
-    """Serve mapex-APP@ALIAS over REST (`mlflow models serve`, local env): POST /invocations.
+    """Serve mapex-APP@ALIAS over REST (MLflow's scoring server on uvicorn, local env): POST /invocations.
 
     Request: {"inputs": {"s2": [[...]]}} with one (B, C, H, W) array of physical values per
     modality of the app; response: {"predictions": {"probabilities" | "mask": ..., "classes": [...]}}.
-    A request that breaks the input contract gets HTTP 400 with what was expected.
+    A request that breaks the input contract gets HTTP 400 with what was expected; a malformed one
+    (not JSON, no JSON Content-Type, too deeply nested, over the body limit) a short 4xx.
     """
     from mapex_core import delivery
 
-    argv, env, version = delivery.serve_command(app_name, alias, host, port, workers)
-    typer.echo(f"serving mapex-{app_name}@{alias} (version {version}) on http://{host}:{port}/invocations "
-               f"(store {env['MLFLOW_TRACKING_URI']})", err=True)
-    os.execve(argv[0], argv, env)
+    def announce(info: dict[str, Any]) -> None:
+        typer.echo(f"serving mapex-{app_name}@{alias} (version {info['version']}) on http://{host}:{port}"
+                   f"/invocations (store {info['store']}, body limit {info['max_body'] / 2**20:.1f} MiB)", err=True)
+
+    delivery.serve(app_name, alias, host, port, workers, max_body_mb, announce=announce)
 
 
 @app.command()
@@ -336,6 +355,7 @@ def predict(
     overlap: int = typer.Option(16, help="Pixels shared by neighbouring windows (blended)."),
     batch_size: int = typer.Option(16, min=1, help="Windows per forward pass."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    force: bool = FORCE,
 ) -> None:
     """Map whole scenes: sliding windows with blended seams, written as a georeferenced COG.
 
@@ -352,7 +372,7 @@ def predict(
             fail(f"--input {mod} given twice")
         pairs[mod] = Path(path)
     with progress("predict", quiet) as update:
-        summary = delivery.predict(app_name, pairs, out, alias, model, output=output, overlap=overlap,
+        summary = delivery.predict(app_name, pairs, out, alias, model, output=output, overlap=overlap, force=force,
                                    batch_size=batch_size, progress=lambda d, t: update(d, t, "windows"))
     print_json(summary)
 
@@ -365,8 +385,7 @@ def export(
     out: Path = typer.Option(..., help="Output folder: the model file and item.json (a STAC item, MLM extension)."),
     alias: str = ALIAS,
     model: Path = MODEL,
-    force: bool = typer.Option(False, help="Write into a non-empty OUT, replacing the export files in it "
-                               "(model.onnx, model.pt2, item.json); other files are left alone."),
+    force: bool = FORCE,
 ) -> None:
     """Export mapex-APP@ALIAS (or --model DIR) as ONNX or a torch.export program, with a STAC item.
 
@@ -395,6 +414,7 @@ def dashboard(
     serve: bool = typer.Option(False, "--serve", help="Then serve the folder over HTTP until Ctrl-C."),
     host: str = typer.Option("127.0.0.1", help="Interface --serve binds; the default keeps it on this machine."),
     port: int = typer.Option(8765, min=0, max=65535, help="Port of --serve (0: any free port)."),
+    force: bool = FORCE,
 ) -> None:
     """Write the team dashboard: one card per application (champion, challenger, gate, size, lineage),
     metric history, pruned vs unpruned vs scratch, expert-usage heatmaps, pre-training and data.
@@ -403,7 +423,7 @@ def dashboard(
     """
     from mapex_core.dashboard import serve_dashboard, write_dashboard
 
-    print_json(write_dashboard(out, params=params))
+    print_json(write_dashboard(out, params=params, force=force))
     if serve:
         try:
             serve_dashboard(out, host=host, port=port)

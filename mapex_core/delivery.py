@@ -3,14 +3,12 @@
 Each function is what one ``mapex`` command does after parsing: it finds the task model (a
 registered version ``mapex-APP@ALIAS`` through :mod:`mapex_core.tracking`, or a local folder),
 checks it belongs to the application, and hands it to the library (:mod:`mapex_core.predict`,
-:mod:`mapex_core.export`) or to ``mlflow models serve``.
+:mod:`mapex_core.export`) or to the REST server (:mod:`mapex_core.tracking.server`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,26 +82,47 @@ def export(app: str, fmt: str, out: str | Path, alias: str = "champion", model: 
     return export_task_model(folder, out, fmt, lineage, force=force)
 
 
-def serve_command(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001,
-                  workers: int = 1) -> tuple[list[str], dict[str, str], str]:
-    """``mapex serve``: the ``mlflow models serve`` command line for ``mapex-APP@ALIAS``.
+def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+          max_body_mb: float | None = None, announce: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """``mapex serve``: serve ``mapex-APP@ALIAS`` over REST until SIGTERM or Ctrl-C.
 
-    Returns:
-        ``(argv, environment, version)``: the caller replaces its process with it.
+    The alias is resolved once (every worker serves the same version); the version's task model folder
+    is checked before it is loaded; MLflow's scoring app runs behind
+    :class:`mapex_core.tracking.server.GuardedApp` (malformed requests get a short 4xx).
+
+    Args:
+        max_body_mb: the request body limit in MiB (default: the model's largest valid request in the
+            compact form, at least 32 MiB).
+        announce: called with ``version``, ``store`` and ``max_body`` (bytes) just before the server starts.
+
+    Raises:
+        ValueError: a bad name, no such model or alias, or a model folder that does not match its config.
     """
     from mapex_core import tracking
+    from mapex_core.tracking.server import serve_model
 
     check_name(app)
     check_alias(alias)
+    _check_port_free(host, port)  # before the model is fetched: one line, not uvicorn's exit 3
     uri = tracking.configure()
     version = tracking.model_version_for(app, alias)
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    # mlflow runs `uvicorn` from PATH: this environment's bin folder first
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    argv = [mlflow_bin, "models", "serve", "-m", f"models:/{tracking.registered_name(app)}@{alias}",
-            "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers)]
-    return argv, env, version
+
+    def started(max_body: int) -> None:
+        if announce is not None:
+            announce({"version": version, "store": uri, "max_body": max_body})
+
+    serve_model(f"models:/{tracking.registered_name(app)}/{version}", host, port, workers, max_body_mb, started)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` naming ``host:port`` when it cannot be bound (in use, or no such interface)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def registry_view(app: str) -> dict[str, Any]:
@@ -135,14 +154,28 @@ def promote(app: str, version: str, reason: str = "") -> dict[str, Any]:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """``mapex info``: a model folder (config, parameters) or a chip store (chips, splits, bands)."""
+    """``mapex info``: a model folder (config, parameters), a task model folder (also its task and classes)
+    or a chip store (chips, splits, bands). A model folder is checked against its config before its
+    weights are loaded (an error names the folder and the field)."""
     path = Path(path)
+    if (path / "task.json").is_file():
+        from mapex_core.model.heads import load_task_model
+
+        task_model = load_task_model(path)
+        return {"config": task_model.encoder.config.to_dict(), "task": task_model.task,
+                "classes": task_model.class_names, "modalities": task_model.modalities,
+                "parameters": task_model.num_parameters(), "breakdown": task_model.encoder.parameter_breakdown()}
     if (path / "config.json").is_file():
         from mapex_core.model import load_model
 
         model = load_model(path)
         return {"config": model.config.to_dict(), "parameters": model.num_parameters(),
                 "breakdown": model.parameter_breakdown()}
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (mapex info takes a model folder or a chip store)")
+    if (path / "model.safetensors").is_file():  # weights without their config: a write that did not finish
+        raise ValueError(f"{path}: a model folder without config.json (incomplete: written by a run that was "
+                         "stopped); run its stage again")
     from mapex_core.data.dataset import ChipStore
 
     store = ChipStore.open(path)

@@ -26,10 +26,7 @@ lineage (see ``mapex export`` in :mod:`mapex_core.cli`).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from mapex_core.contract import InputContract
-from mapex_core.io import atomic_write_json, file_sha256, replace_folder
+from mapex_core.io import (
+    atomic_write_json,
+    file_sha256,
+    folder_problem,
+    merge_folder,
+    replace_folder,
+    staged_folder,
+)
 from mapex_core.model.moe import MoELayer
 from mapex_core.tasks import get_task
 
@@ -199,18 +203,23 @@ def load_exported(path: str | Path) -> Any:
 
 
 # ----- output folder --------------------------------------------------------------------------
+EXPORT_FILES = tuple(sorted({f.file for f in FORMATS.values()} | {ITEM_FILE}))
+
+
 def check_out_dir(out: str | Path, force: bool = False) -> Path:
-    """``out`` as an export folder: absent, empty, or (with ``force``) one whose export files get replaced.
+    """``out`` as an export folder: absent, empty or an export folder (replaced whole), or, with
+    ``force``, a file (replaced) or a folder holding other files (its export files are replaced, the
+    others kept).
 
     Raises:
-        ExportError: ``out`` is a file, or a non-empty folder without ``force``.
+        ExportError: ``out`` is a file or holds other files, without ``force``; its parent is missing.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.exists() and not out.is_dir() and not force:
+        raise ExportError(f"--out {out} is a file, not a folder; pass --force to replace it")
+    if out.is_dir() and folder_problem(out, "an export folder", EXPORT_FILES) and not force:
         raise ExportError(f"--out {out} exists and is not empty; pass --force to replace the export files "
-                          f"in it ({', '.join(sorted({f.file for f in FORMATS.values()} | {ITEM_FILE}))})")
+                          f"in it ({', '.join(EXPORT_FILES)}) and keep its other files")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise ExportError(f"--out {out}: its parent folder {parent} does not exist")
@@ -218,19 +227,13 @@ def check_out_dir(out: str | Path, force: bool = False) -> Path:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move the finished files of ``staging`` into ``out`` (a rename of the folder when ``out`` is new)."""
-    if not out.exists():
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700): the folder a user asked for is not
+    """Put the finished export of ``staging`` at ``out``: the whole folder swapped in, or (a folder
+    that holds other files) the export files moved in with ``item.json`` removed first and moved in last."""
+    if out.is_dir() and not out.is_symlink() and folder_problem(out, "an export folder", EXPORT_FILES):
+        ours = {f.name for f in staging.iterdir()}
+        merge_folder(staging, out, ITEM_FILE, stale=[f for f in EXPORT_FILES if f not in ours])
+    else:
         replace_folder(staging, out)
-        return
-    for f in (*(out / x.file for x in FORMATS.values()), out / ITEM_FILE):  # no stale model of another format
-        if f.is_file():
-            f.unlink()
-    for f in sorted(staging.iterdir()):
-        os.replace(f, out / f.name)
-    staging.rmdir()
 
 
 # ----- STAC item ------------------------------------------------------------------------------
@@ -394,8 +397,7 @@ def export_task_model(model_dir: str | Path, out: str | Path, fmt: str, lineage:
     example = example_inputs(contract, EXPORT_BATCH)
     meta = {"mapex_contract": json.dumps(contract.to_dict(), sort_keys=True),
             "mapex_lineage": json.dumps(lineage, sort_keys=True, default=str)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
+    with staged_folder(out) as staging:
         path = staging / spec.file
         with dense_dispatch(model), torch.no_grad():
             if fmt == "onnx":
@@ -415,9 +417,8 @@ def export_task_model(model_dir: str | Path, out: str | Path, fmt: str, lineage:
         validate_item_core(item_dict)
         atomic_write_json(staging / ITEM_FILE, item_dict, newline=True)
         files = sorted(f.name for f in staging.iterdir())
+        check_out_dir(out, force)  # again: something may have appeared meanwhile
         _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"out": str(out), "format": fmt, "files": files, "item": item.id, "modalities": contract.modalities,
             "task": contract.task, "classes": len(contract.classes), "max_abs_diff": diff,
             "check_batch": CHECK_BATCH, "lineage": lineage}

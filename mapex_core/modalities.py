@@ -12,6 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# every real-valued raster data type GDAL has (rasterio names); complex types are never a sensor's
+REAL_DTYPES: tuple[str, ...] = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                                "float32", "float64")
+# integer or float types that hold reflectance x 1e4 (0 to 20 000): not 8-bit
+_REFLECTANCE_DTYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64")
+
 
 @dataclass(frozen=True)
 class BandSpec:
@@ -40,6 +46,9 @@ class ModalitySpec:
         nodata: value that marks missing pixels (``nan`` for float sensors that use NaN).
         valid_range: (min, max) of plausible physical values; outside is flagged by validation.
         kind: ``optical``, ``sar`` or ``elevation``.
+        dtypes: the raster data types (rasterio names) that can hold this sensor's values; a
+            file of another type (an ``int8`` reflectance band, ``uint16`` SAR amplitude where dB
+            is expected, complex SLC data) is refused before its pixels are read.
     """
 
     name: str
@@ -49,6 +58,7 @@ class ModalitySpec:
     nodata: float | None
     valid_range: tuple[float, float]
     kind: str
+    dtypes: tuple[str, ...] = REAL_DTYPES
 
     @property
     def band_names(self) -> list[str]:
@@ -99,6 +109,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         nodata=0.0,
         valid_range=(0.0, 20000.0),
         kind="optical",
+        dtypes=_REFLECTANCE_DTYPES,
     ),
     "s2l1c": ModalitySpec(
         name="s2l1c",
@@ -108,6 +119,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         nodata=0.0,
         valid_range=(0.0, 20000.0),
         kind="optical",
+        dtypes=_REFLECTANCE_DTYPES,
     ),
     "s1": ModalitySpec(
         name="s1",
@@ -117,6 +129,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         nodata=float("nan"),
         valid_range=(-50.0, 30.0),
         kind="sar",
+        dtypes=("float32", "float64"),  # dB; integer files are amplitude DN (e.g. GRD uint16), not dB
     ),
     "rgb": ModalitySpec(
         name="rgb",
@@ -130,6 +143,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         nodata=None,
         valid_range=(0.0, 255.0),
         kind="optical",
+        dtypes=("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"),
     ),
     "dem": ModalitySpec(
         name="dem",
@@ -139,6 +153,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         nodata=-32768.0,
         valid_range=(-500.0, 9000.0),
         kind="elevation",
+        dtypes=("int16", "uint16", "int32", "uint32", "float32", "float64"),
     ),
 }
 

@@ -12,7 +12,6 @@ it, so memory grows with the scene's width, not its height (and not its size ove
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,30 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from mapex_core.contract import InputContract
-from mapex_core.data.raster import GDAL_CACHE_MB, Grid, window_offsets
-from mapex_core.io import atomic_write
+from mapex_core.data.raster import GDAL_CACHE_MB, Grid, check_header, window_offsets
+from mapex_core.io import atomic_write, check_output_file, staged_folder
 from mapex_core.modalities import MODALITIES
+
+TAG = {"MAPEX_PRODUCT": "mapex predict"}  # a GeoTIFF tag that marks the maps this module writes
+
+
+def is_prediction(path: str | Path) -> bool:
+    """Whether ``path`` is a GeoTIFF written by :func:`predict_scene` (it carries :data:`TAG`)."""
+    try:
+        with rasterio.open(path) as src:
+            return all(src.tags().get(k) == v for k, v in TAG.items())
+    except (rasterio.errors.RasterioError, OSError):
+        return False
+
+
+def check_out_file(out: str | Path, force: bool = False) -> None:
+    """Whether a map may be written to ``out``: absent, or a map written by ``mapex predict`` (any
+    file with ``force``).
+
+    Raises:
+        OutputConflict: ``out`` is a folder, or another file without ``force`` (names it).
+    """
+    check_output_file(out, "a map written by mapex predict", is_prediction, force)
 
 
 def blend_weights(chip: int, overlap: int) -> np.ndarray:
@@ -65,6 +85,7 @@ def _open_inputs(inputs: dict[str, str | Path], contract: InputContract) -> tupl
             if src.count != len(contract.bands[m]):
                 raise ValueError(f"{path}: {m} needs {len(contract.bands[m])} bands {contract.bands[m]}, "
                                  f"found {src.count}")
+            check_header(src, path, None, m, contract.bands[m], None)  # data types (no complex); any size
     except BaseException:
         for s in srcs.values():
             s.close()
@@ -75,30 +96,37 @@ def _open_inputs(inputs: dict[str, str | Path], contract: InputContract) -> tupl
 
 def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, batch_size: int = 16,
                   overlap: int = 16, output: str = "labels",
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None = None, force: bool = False) -> dict[str, Any]:
     """Map whole scenes with a task model; write a georeferenced COG.
 
     Args:
         model: a :class:`~mapex_core.model.heads.TaskModel` (eval mode is set here).
         inputs: modality -> scene file (any CRS; each is warped onto the finest one's grid).
-        out: output GeoTIFF (Cloud Optimized); written atomically.
+        out: output GeoTIFF (Cloud Optimized, tagged ``MAPEX_PRODUCT=mapex predict``); written
+            atomically. An existing file there is replaced only when it is such a map.
         overlap: pixels shared by neighbouring windows (blended).
         output: ``labels`` (one band of class ids, uint8; argmax of the blended probabilities) or
             ``probabilities`` (one float32 band per class).
         progress: callback ``(windows done, windows total)``.
+        force: replace any file at ``out``.
 
     Returns:
         Summary: size, windows, classes, output path.
+
+    Raises:
+        OutputConflict: ``out`` is a folder, or a file of another kind without ``force`` (checked
+            before any reading).
     """
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    check_out_file(out, force)
     # GDAL's block cache would otherwise grow with the scene up to 5% of the machine's RAM
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        return _predict_scene(model, inputs, Path(out), batch_size, overlap, output, progress)
+        return _predict_scene(model, inputs, Path(out), batch_size, overlap, output, progress, force)
 
 
 def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_size: int, overlap: int,
-                   output: str, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+                   output: str, progress: Callable[[int, int], None] | None, force: bool) -> dict[str, Any]:
     contract = InputContract.of(model)
     chip = contract.chip_size
     if not 0 <= overlap < chip // 2:
@@ -107,7 +135,7 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     readers: dict[str, Any] = {}
     try:
         readers = _lazy_readers(srcs, ref, inputs)
-        return _map_scene(model, contract, readers, ref, out, batch_size, overlap, output, progress)
+        return _map_scene(model, contract, readers, ref, out, batch_size, overlap, output, progress, force)
     finally:
         for da in readers.values():
             da.close()
@@ -148,7 +176,8 @@ def _temporary_geotiff(path: Path, profile: dict[str, Any]) -> Any:
 
 
 def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref: Any, out: Path, batch_size: int,
-               overlap: int, output: str, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+               overlap: int, output: str, progress: Callable[[int, int], None] | None,
+               force: bool) -> dict[str, Any]:
     chip = contract.chip_size
     height, width = ref.height, ref.width
     stride = chip - overlap
@@ -161,9 +190,10 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
                "count": 1 if output == "labels" else n_classes, "dtype": "uint8" if output == "labels" else "float32",
                "tiled": True, "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER"}
     total, done = len(rows) * len(cols), 0
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_tif = Path(tmp) / "scene.tif"
+    with staged_folder(out) as tmp:  # a hidden sibling, deleted on success and on error
+        tmp_tif = tmp / "scene.tif"
         with _temporary_geotiff(tmp_tif, profile) as dst:
+            dst.update_tags(**TAG)
             # the rows [acc_top, acc_top + chip) of the output, still receiving window predictions
             acc = np.zeros((n_classes, chip, width), np.float32)
             wsum = np.zeros((chip, width), np.float32)
@@ -192,6 +222,7 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
                     if progress is not None:
                         progress(done, total)
             _write_rows(dst, acc[:, :height - acc_top], wsum[:height - acc_top], acc_top, output)
+        check_out_file(out, force)  # again: something may have appeared meanwhile
         atomic_write(out, lambda cog: rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE"))
     return {"out": str(out), "height": height, "width": width, "crs": str(ref.crs), "windows": total,
             "overlap": overlap, "output": output, "classes": contract.classes}

@@ -66,12 +66,15 @@ def _app_chips(app: str | Application, params: Params, chips: str | Path | None)
 def ingest(dataset: str | None = None, params: Params = None, *, source: str | Path | None = None,
            out: str | Path | None = None, layout: str | None = None, labels: str | Path | None = None,
            label_attribute: str | None = None, classes: list[str] | None = None, reports: str | Path = REPORTS_DIR,
-           progress: Callable[[int, int, str], None] | None = None, **data: Any) -> dict[str, Any]:
+           progress: Callable[[int, int, str], None] | None = None, force: bool = False,
+           **data: Any) -> dict[str, Any]:
     """ingest@DATASET: raw imagery -> a validated chip store.
 
     Args:
         dataset: a dataset of the params' ``datasets`` (its source, store, layout, labels and ``data``
             overrides); or ``None`` and ``source``/``out`` given.
+        force: replace whatever is at the store's path; otherwise only a chip store is replaced
+            and anything else there is an error (checked before any reading).
         data: ``data`` section overrides (``chip_size``, ``stride``, ``seed``, ``crs``, ``resolution``,
             ``split_block``); ``None`` values are ignored. Explicit arguments win over the dataset's.
 
@@ -80,7 +83,9 @@ def ingest(dataset: str | None = None, params: Params = None, *, source: str | P
     """
     from mapex_core.data.ingest import DataParams
     from mapex_core.data.ingest import ingest as run_ingest
+    from mapex_core.data.store import chip_store_problem
     from mapex_core.data.validation import ValidationParams
+    from mapex_core.io import check_output
 
     values, where = read_params(params)
     if dataset is not None:
@@ -94,8 +99,9 @@ def ingest(dataset: str | None = None, params: Params = None, *, source: str | P
         raise ValueError("pass --source PATH (with --out) or --dataset NAME")
     dp = section(DataParams, values, "data", source=where, **data)
     vp = section(ValidationParams, values, "validation", source=where)
+    check_output(out, chip_store_problem, force)  # before any scene is read
     return run_ingest(source, out, layout=layout or "auto", params=dp, validation=vp, reports_dir=reports,
-                      labels=labels, label_attribute=label_attribute, classes=classes, progress=progress)
+                      labels=labels, label_attribute=label_attribute, classes=classes, progress=progress, force=force)
 
 
 def validate(dataset: str | None = None, params: Params = None, *, chips: str | Path | None = None,
@@ -121,7 +127,7 @@ def validate(dataset: str | None = None, params: Params = None, *, chips: str | 
 def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, out: str | Path | None = None,
              steps: int | None = None, batch_size: int | None = None, device: str | None = None,
              resume: bool | None = None, overwrite: bool | None = None,
-             on_step: Progress | None = None) -> dict[str, Any]:
+             on_step: Progress | None = None, force: bool = False) -> dict[str, Any]:
     """pretrain: MAE pre-training on the chip stores of ``pipeline.pretrain_datasets`` (or ``chips``).
 
     Args:
@@ -129,6 +135,7 @@ def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, ou
             continues it when it was written by a run of the same model, data and params (a crash).
         overwrite: start over when the output folder holds another run's checkpoints. Default: yes
             for the pipeline's own folder (``outputs/pretrain``), no for a folder the caller names.
+        force: write into an output folder that holds other files (they are kept).
 
     Returns:
         The metrics (also in ``OUT/metrics.json``), with ``out``.
@@ -146,7 +153,7 @@ def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, ou
     if overwrite is None:
         overwrite = own_folder and resume is not True  # stale checkpoints of the pipeline's folder go
     metrics = run_pretrain(stores, out, cfg, tp, device=_device(device, params), resume=resume,
-                           overwrite=overwrite, on_step=on_step)
+                           overwrite=overwrite, on_step=on_step, force=force)
     return metrics | {"out": str(out)}
 
 
@@ -154,49 +161,71 @@ def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, ou
 
 def prune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
           chips: str | Path | None = None, out: str | Path | None = None,
-          device: str | None = None) -> dict[str, Any]:
-    """prune@APP: the pre-trained model pruned to the application's experts (default -> ``outputs/apps/APP/pruned``)."""
+          device: str | None = None, force: bool = False) -> dict[str, Any]:
+    """prune@APP: the pre-trained model pruned to the application's experts (default -> ``outputs/apps/APP/pruned``).
+
+    ``force``: replace ``out`` even when it is not a MAPEX model folder."""
     from mapex_core.training.prune import prune_app
 
     application, chips = _app_chips(app, params, chips)
     out = Path(out) if out is not None else app_paths(application.name).pruned
-    report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params))
+    report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params),
+                       force=force)
     return report | {"out": str(out)}
 
 
 def finetune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
              chips: str | Path | None = None, out: str | Path | None = None, seed: int | None = None,
-             device: str | None = None, on_step: Progress | None = None) -> dict[str, Any]:
-    """finetune@APP: the pruned model fine-tuned for the task (default -> ``outputs/apps/APP/finetuned``)."""
+             device: str | None = None, on_step: Progress | None = None, force: bool = False) -> dict[str, Any]:
+    """finetune@APP: the pruned model fine-tuned for the task (default -> ``outputs/apps/APP/finetuned``).
+
+    ``force``: replace ``out`` even when it is not a MAPEX model folder."""
     from mapex_core.training.finetune import finetune_app
 
     application, chips = _app_chips(app, params, chips)
     paths = app_paths(application.name)
     out = Path(out) if out is not None else paths.finetuned
     summary = finetune_app(application, checkpoint or paths.pruned, chips, out, device=_device(device, params),
-                           seed=seed, on_step=on_step)
+                           seed=seed, on_step=on_step, force=force)
     return summary | {"out": str(out)}
+
+
+METRICS_KEYS = ("metric", "test_chips")  # how an existing metrics.json of an evaluation is recognised
 
 
 def evaluate(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
              chips: str | Path | None = None, out: str | Path | None = None,
              pretrained: str | Path | None = None, device: str | None = None,
-             on_step: Progress | None = None) -> dict[str, Any]:
+             on_step: Progress | None = None, force: bool = False) -> dict[str, Any]:
     """evaluate@APP: pruned vs unpruned vs from-scratch on the test split.
 
     Writes the report (default ``reports/APP/evaluation.json``) and, next to it, ``metrics.json``
-    (:func:`summary_metrics`: what DVC, MLflow and the gate read).
+    (:func:`summary_metrics`: what DVC, MLflow and the gate read). Both are checked before any work:
+    files of another kind there are an error unless ``force``. ``metrics.json`` is removed before the
+    report is replaced and written after it, so when it is there it summarises the report beside it.
     """
-    from mapex_core.training.evaluate import evaluate_app
+    from mapex_core.io import check_output_file, json_with_keys
+    from mapex_core.training.evaluate import check_report_path, evaluate_app
 
     application, chips = _app_chips(app, params, chips)
     paths = app_paths(application.name)
     out = Path(out) if out is not None else paths.evaluation
+    metrics = out.parent / "metrics.json"
+
+    def check() -> None:
+        check_report_path(out, force)
+        check_output_file(metrics, "a metrics summary written by MAPEX",
+                          lambda p: json_with_keys(p, METRICS_KEYS), force)
+
+    check()
     if checkpoint is None:  # the pipeline's fine-tuned model: its unpruned model is the pipeline's
         pretrained = pretrained or PRETRAIN_DIR
-    report = evaluate_app(application, checkpoint or paths.finetuned, chips, out, device=_device(device, params),
+    report = evaluate_app(application, checkpoint or paths.finetuned, chips, None, device=_device(device, params),
                           pretrained=pretrained, on_step=on_step)
-    atomic_write_json(out.parent / "metrics.json", summary_metrics(report))
+    check()  # again: something may have appeared meanwhile
+    metrics.unlink(missing_ok=True)
+    atomic_write_json(out, report)
+    atomic_write_json(metrics, summary_metrics(report))
     return report | {"out": str(out)}
 
 

@@ -58,6 +58,23 @@ def test_an_infinite_pixel_is_quarantined_and_left_out_of_the_statistics(inf_sto
     assert abs(stats.loc["VV", "mean"] - clean.loc["VV", "mean"]) < 0.05
 
 
+def test_a_quarantined_chip_is_taken_out_of_the_statistics(inf_store: Path, ben_store: Path) -> None:
+    """Exact pixel counts: the quarantined chip (offset 0, 0 of its 120 px patch, stride 56) owns the
+    56 x 56 pixels up to the next chip's offset; they leave the train statistics of both S1 bands."""
+    import xarray as xr
+
+    from mapex_core.data.dataset import ChipStore
+
+    meta = ChipStore.open(inf_store, include_quarantined=True, normalize=False).metadata()
+    bad = meta[meta["quarantined"]]
+    assert len(bad) == 1 and (bad["row"].iloc[0], bad["col"].iloc[0]) == (0, 0)
+    hostile, clean = (xr.open_zarr(p, consolidated=True) for p in (inf_store, ben_store))
+    removed = 56 * 56 if bad["split"].iloc[0] == "train" else 0
+    assert clean["s1_count"].values.tolist() == [hostile["s1_count"].values[0] + removed,
+                                                  hostile["s1_count"].values[1] + removed]
+    assert (hostile["s2_count"].values == clean["s2_count"].values - removed).all()
+
+
 def test_a_store_with_infinite_statistics_is_refused_naming_the_band(ben_store: Path, tmp_path: Path) -> None:
     import zarr
 
@@ -96,3 +113,20 @@ def test_exit_status_tells_fix_the_input_from_retry(tmp_path: Path) -> None:
     res = mapex("samples", "--dest", str(tmp_path / "afile" / "raw"), "--source", "bigearthnet", cwd=tmp_path)
     assert res.returncode == 1, res.stderr
     assert "afile" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_predict_refuses_a_complex_or_integer_sar_scene_naming_the_file(tmp_path: Path) -> None:
+    """`mapex predict` checks its inputs' data types like ingestion does (before any pixel is read)."""
+    from mapex_core.predict import predict_scene
+    from tests.helpers import S1, tiny
+
+    with rasterio.open(S1) as src:
+        data, profile = src.read(), src.profile
+    for dtype, word in (("complex64", "complex"), ("uint16", "uint16")):
+        bad = tmp_path / f"s1_{dtype}.tif"
+        profile.update(dtype=dtype, nodata=None)
+        with rasterio.open(bad, "w", **profile) as dst:
+            dst.write(np.nan_to_num(data).astype(dtype))
+        with pytest.raises(ValueError, match=rf"s1_{dtype}.tif: band 1 \(VV\) has the .*{word}"):
+            predict_scene(tiny(), {"s1": bad}, tmp_path / "out.tif")
+    assert not (tmp_path / "out.tif").exists()

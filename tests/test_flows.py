@@ -79,12 +79,12 @@ def test_deploy_serve_runs_the_schedules_from_one_process(prefect_harness, tmp_p
 
 def test_ingest_flow_on_a_local_dask_cluster(prefect_harness, ben_root: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     from dvc.repo import Repo
 
     from flows.pipeline import ingest_with_dask
     from mapex_core.data.chips import ChipStore
-
-    import os
 
     root = make_project(tmp_path / "proj", ben_root)
     monkeypatch.chdir(root)

@@ -187,7 +187,10 @@ def _flood_catalog(shared: Path, root: Path, missing: str | None = None) -> Path
                        properties={})
     for key, sub in (("s1", "S1/" + SCENE + "_S1Hand.tif"), ("s2l1c", "S2/" + SCENE + "_S2Hand.tif"),
                      ("labels", "Labels/" + SCENE + "_LabelHand.tif")):
-        href = str(shared / FLOOD / sub) if key != missing else str(root / "nowhere.tif")
+        local = root / "stac" / "assets" / Path(sub).name  # assets inside the catalog's folder (outside ones are refused)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared / FLOOD / sub, local)
+        href = str(local) if key != missing else str(root / "nowhere.tif")
         item.add_asset(key, pystac.Asset(href=href))
     cat.add_item(item)
     cat.normalize_and_save(str(root / "stac"), catalog_type=pystac.CatalogType.SELF_CONTAINED)

@@ -12,39 +12,58 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from mapex_core.io import atomic_write_json, atomic_write_text
+from mapex_core.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    folder_problem,
+    merge_folder,
+    replace_folder,
+    staged_folder,
+)
 
 DEFAULT_OUT = Path("reports/dashboard")
 DEFAULT_PORT = 8765
+FILES = ("dashboard.json", "index.html")  # what the dashboard folder holds (index.html is written last)
 
 
 def write_dashboard(out: str | Path = DEFAULT_OUT, root: str | Path = ".",
-                    params: str | Path = "params.yaml") -> dict[str, Any]:
+                    params: str | Path = "params.yaml", force: bool = False) -> dict[str, Any]:
     """Write the dashboard of the project in ``root`` to ``out``.
 
     Args:
-        out: output folder (created); ``index.html`` and ``dashboard.json`` are replaced atomically,
-            so a browser never sees half a page.
+        out: output folder; built aside and swapped into place whole, so a browser never sees half
+            a page or a page with another run's data.
         root: the project folder (``params.yaml``, ``outputs/``, ``reports/``, ``mlflow/``).
         params: the params file, relative to ``root`` unless absolute.
+        force: write into an ``out`` that holds other files (they are kept; ``index.html`` is
+            removed first and written last), or replace a file there.
 
     Returns:
         ``index`` (path of the page), ``apps``, ``versions`` (registered, all apps) and ``layers``
         (heatmaps drawn).
 
     Raises:
-        ValueError: ``out`` exists and is not a folder, params or a report is unreadable.
+        OutputConflict: ``out`` is a file or a folder holding other files, and ``force`` is not given.
+        ValueError: params or a report is unreadable.
     """
     from mapex_core.dashboard.collect import collect
     from mapex_core.dashboard.render import render
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
+
+    def problem(path: Path) -> str | None:
+        return "exists and is not a folder" if not path.is_dir() else folder_problem(path, "a dashboard", FILES)
+
+    check_output(out, problem, force, hint="pass --force to write into it (its other files are kept)")
     data = collect(root, params)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "dashboard.json", data)
-    atomic_write_text(out / "index.html", render(data, out, root))
+    with staged_folder(out) as tmp:
+        atomic_write_json(tmp / "dashboard.json", data)
+        atomic_write_text(tmp / "index.html", render(data, out, root))
+        if check_output(out, problem, force) and out.is_dir():  # again: something may have appeared meanwhile
+            merge_folder(tmp, out, marker="index.html")
+        else:
+            replace_folder(tmp, out)
     routing = (data["pretrain"]["routing"] or {}).get("layers", {})
     return {"index": str(out / "index.html"), "apps": [a["name"] for a in data["apps"]],
             "versions": sum(len(a["versions"]) for a in data["apps"]), "layers": len(routing)}

@@ -123,11 +123,20 @@ def labels_to_multihot(names: list[str], source: str = "labels") -> np.ndarray:
 
 
 def _band_files(folder: Path, modality: str) -> list[Path]:
+    """One file per band of ``modality`` in a patch folder.
+
+    Raises:
+        FileNotFoundError: a band has no file.
+        ValueError: a band has two files (names both).
+    """
     files = []
     for band in get_modality(modality).band_names:
         matches = sorted(folder.glob(f"*_{band}.tif"))
         if not matches:
             raise FileNotFoundError(f"{folder}: band file *_{band}.tif not found")
+        if len(matches) > 1:
+            raise ValueError(f"{matches[0]} and {matches[1]}: two files for band {band} in one patch folder; "
+                             f"keep one")
         files.append(matches[0])
     return files
 

@@ -23,7 +23,7 @@ from typing import Any
 import rasterio
 
 from mapex_core.data.layouts import find_scenes
-from mapex_core.data.raster import GDAL_CACHE_MB
+from mapex_core.data.raster import GDAL_CACHE_MB, MAX_SCENE_PIXELS
 from mapex_core.data.sampling import assign_splits
 from mapex_core.data.scenes import SceneSpec, load_scene
 from mapex_core.data.store import ChipWriter
@@ -38,7 +38,12 @@ from mapex_core.modalities import MODALITIES
 
 @dataclass
 class DataParams:
-    """The ``data`` section of ``params.yaml``."""
+    """The ``data`` section of ``params.yaml``.
+
+    ``max_scene_pixels`` caps the pixels a raster file may declare and a scene's grid may have
+    (checked before any pixel is read); ``allow_outside_paths`` lets a STAC catalog point at files
+    outside its own folder.
+    """
 
     chip_size: int = 64
     stride: int | None = None
@@ -46,14 +51,18 @@ class DataParams:
     crs: str | None = None
     resolution: float | None = None
     split_block: int | None = None
+    max_scene_pixels: int = MAX_SCENE_PIXELS
+    allow_outside_paths: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("chip_size", "stride", "split_block"):
+        for name in ("chip_size", "stride", "split_block", "max_scene_pixels"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"data.{name} must be a positive number of pixels, got {value!r}")
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"data.resolution must be positive, got {self.resolution!r}")
+        if not isinstance(self.allow_outside_paths, bool):
+            raise ValueError(f"data.allow_outside_paths must be true or false, got {self.allow_outside_paths!r}")
 
 
 def _label_setup(scenes: list[SceneSpec]) -> tuple[list[str] | None, str]:
@@ -84,6 +93,7 @@ def ingest(
     label_attribute: str | None = None,
     classes: list[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    force: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Read every scene under ``source`` and write the validated chip store ``out``.
@@ -99,7 +109,9 @@ def ingest(
         label_attribute: class column of the vector labels.
         classes: class names in id order (masks; optional for vectors).
         progress: callback ``(done, total, scene_name)``.
-        **overrides: ``DataParams`` fields (e.g. ``chip_size=120``).
+        force: replace whatever is at ``out``; otherwise only a chip store (or an empty folder) is
+            replaced, and anything else there is an error naming it, before any scene is read.
+        **overrides: ``DataParams`` fields (e.g. ``chip_size=120``, ``allow_outside_paths=True``).
 
     Returns:
         Summary: layout, scenes, chips, quarantined, per-modality chip counts, seconds, paths.
@@ -113,7 +125,8 @@ def ingest(
     p = DataParams(**{**p.__dict__, **{k: v for k, v in overrides.items() if v is not None}})  # re-validated
     out = Path(out)
     layout, scenes = find_scenes(source, layout, labels=Path(labels) if labels else None,
-                                 label_attribute=label_attribute, classes=classes)
+                                 label_attribute=label_attribute, classes=classes,
+                                 allow_outside_paths=p.allow_outside_paths)
     present = {m for s in scenes for m in s.sources}
     modalities = [m for m in MODALITIES if m in present]
     class_names, label_type = _label_setup(scenes)
@@ -122,7 +135,7 @@ def ingest(
     attrs = {"layout": layout, "source": Path(source).name, "modality_descriptions": levels,
              "stride": p.stride or p.chip_size, "split_block": p.split_block or 0}
     writer = ChipWriter(out, modalities, p.chip_size, class_names=class_names, label_type=label_type,
-                        seed=p.seed, attrs=attrs)
+                        seed=p.seed, attrs=attrs, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     group_split = assign_splits([s.group or s.name for s in scenes], p.seed)
     # xarray caches each `.rio` accessor on its DataArray, and the accessor points back: every array
@@ -137,7 +150,7 @@ def ingest(
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # one scene at a time: no cache of past scenes' blocks
             for i, spec in enumerate(scenes):
-                sample = load_scene(spec, crs=p.crs, resolution=p.resolution)
+                sample = load_scene(spec, crs=p.crs, resolution=p.resolution, max_pixels=p.max_scene_pixels)
                 try:
                     split = spec.split or (None if p.split_block else group_split[spec.group or spec.name])
                     n = writer.add_sample(sample, stride=p.stride, split=split, group=spec.group,

@@ -1,7 +1,9 @@
 """Labels on the scene grid: multi-label vectors, raster masks and rasterised vector polygons.
 
 Masks use ``IGNORE_INDEX`` (-1) for pixels without a label (Sen1Floods11's -1, nodata,
-outside every polygon, outside the label raster).
+outside every polygon, outside the label raster). One rule for the values of a mask file in every
+layout (:func:`check_label_values`): each is a known label value or -1; anything else (a
+Sen1Floods11 label of 2, a class id past the class list) is an error naming the file and the values.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class LabelSource:
         multihot: ``(K,) uint8`` for ``multilabel``.
         path: mask raster or vector file.
         attribute: vector column holding the class name.
+        value_to_class: mask file value -> class id, when the file's values are not the class ids
+            (Sen1Floods11: 0 dry, 1 water); other values than these keys and -1 are errors.
     """
 
     kind: str
@@ -92,13 +96,35 @@ def _rasterize_vector(src: LabelSource, grid: Grid, scene: str) -> np.ndarray:
                      dtype="int16")
 
 
-def _read_mask(src: LabelSource, grid: Grid, scene: str) -> np.ndarray:
+def allowed_label_values(src: LabelSource) -> list[float]:
+    """The values a mask file of ``src`` may hold: the keys of ``value_to_class`` (e.g. Sen1Floods11's
+    0 and 1), or the class ids ``0 .. K-1``; and ``IGNORE_INDEX`` (-1, no label) in both cases."""
+    values = set(src.value_to_class) if src.value_to_class else set(range(len(src.classes)))
+    return sorted({float(v) for v in values} | {float(IGNORE_INDEX)})
+
+
+def check_label_values(values: np.ndarray, allowed: list[float], path: Path | str) -> None:
+    """The one rule for label values in every layout: each valid (non-NaN) value is one of ``allowed``.
+
+    Raises:
+        ValueError: names the file, the values found outside ``allowed`` (at most 10) and the allowed ones.
+    """
+    found = np.unique(values[~np.isnan(values)])
+    bad = found[~np.isin(found, np.asarray(allowed, dtype=found.dtype))]
+    if bad.size:
+        shown = ", ".join(f"{v:g}" for v in bad[:10].tolist()) + (f" (+{bad.size - 10} more)" if bad.size > 10 else "")
+        raise ValueError(f"{path}: mask values [{shown}] are not labels; allowed: "
+                         f"{', '.join(f'{v:g}' for v in allowed)} ({IGNORE_INDEX}: no label)")
+
+
+def _read_mask(src: LabelSource, grid: Grid, scene: str, max_pixels: int | None = None) -> np.ndarray:
     assert src.path is not None
-    da = open_raster(src.path, expected_bands=1)
+    da = open_raster(src.path, expected_bands=1, max_pixels=max_pixels)
     g = grid_of(da)
     if not grid.intersects(g.crs, g.bounds):
         raise ValueError(f"{src.path}: labels do not overlap the imagery of scene {scene}")
     values = reproject_onto(da, grid, src.path, Resampling.nearest)[0]  # NaN outside / nodata
+    check_label_values(values, allowed_label_values(src), src.path)
     out = np.full(values.shape, IGNORE_INDEX, np.int16)
     valid = ~np.isnan(values)
     if src.value_to_class:
@@ -106,25 +132,28 @@ def _read_mask(src: LabelSource, grid: Grid, scene: str) -> np.ndarray:
             out[valid & (values == value)] = cls
     else:
         out[valid] = values[valid].astype(np.int16)
-    bad = (out != IGNORE_INDEX) & ((out < 0) | (out >= len(src.classes)))
-    if bad.any():
-        found = sorted(set(np.unique(out[bad]).tolist()))
-        raise ValueError(f"{src.path}: mask values {found} are not class ids in [0, {len(src.classes)}) "
-                         f"or {IGNORE_INDEX}")
     return out
 
 
-def load_labels(src: LabelSource, grid: Grid, scene: str) -> np.ndarray:
+def load_labels(src: LabelSource, grid: Grid, scene: str, max_pixels: int | None = None) -> np.ndarray:
     """Labels of a scene on ``grid``: ``(K,) uint8`` multi-hot or an ``(H, W) int16`` mask.
 
+    Args:
+        src: the scene's label source.
+        grid: the scene's grid.
+        scene: the scene's name, for messages.
+        max_pixels: the most pixels a mask file may declare (``data.max_scene_pixels``).
+
     Raises:
-        ValueError: labels that do not overlap the imagery, or invalid values (names the file).
+        ValueError: labels that do not overlap the imagery, or values outside the allowed ones
+            (:func:`check_label_values`; names the file).
     """
     if src.kind == "multilabel":
         if src.multihot is None or len(src.multihot) != len(src.classes):
             raise ValueError(f"scene {scene}: multi-label source without a {len(src.classes)}-class vector")
         return src.multihot.astype(np.uint8)
-    mask = _rasterize_vector(src, grid, scene) if src.kind == "vector" else _read_mask(src, grid, scene)
+    mask = (_rasterize_vector(src, grid, scene) if src.kind == "vector"
+            else _read_mask(src, grid, scene, max_pixels=max_pixels))
     if (mask == IGNORE_INDEX).all():
         raise ValueError(f"{src.path}: labels do not overlap the imagery of scene {scene} (no labelled pixel)")
     return mask

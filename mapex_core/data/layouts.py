@@ -12,8 +12,13 @@ layout             what it reads
                    ``<scene>/<modality>.<ext>``; labels ``<scene>_labels.tif`` or a vector
                    file given with ``labels=``
 ``stac``           a local STAC catalog (``catalog.json``): one item per scene, assets keyed by
-                   modality (multi-band) or band name, optional ``labels`` asset
+                   modality (multi-band) or band name, optional ``labels`` asset; links are
+                   followed without recursion into pystac (cycles and nesting deeper than
+                   :data:`MAX_STAC_DEPTH` are errors), and assets and linked files must lie
+                   under the catalog's folder unless ``allow_outside_paths``
 =================  ===========================================================================
+
+Two files for one band, modality or label of a scene are an error naming both, in every layout.
 
 ``auto`` detects the first four in the order stac, bigearthnet2, sen1floods11, bigearthnet,
 scenes.
@@ -22,6 +27,7 @@ scenes.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +50,13 @@ def _rasters(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in RASTER_EXTS and p.is_file())
 
 
+def _put(files: dict[str, Path], key: str, path: Path, what: str) -> None:
+    """``files[key] = path``, or a :class:`LayoutError` naming both files when ``key`` has one already."""
+    if key in files:
+        raise LayoutError(f"{files[key]} and {path}: two files for {what}; keep one")
+    files[key] = path
+
+
 # ----- Sen1Floods11 -----------------------------------------------------------------------
 _FLOOD = re.compile(r"^(?P<scene>.+)_(?P<kind>S1Hand|S2Hand|LabelHand)$")
 
@@ -54,7 +67,7 @@ def sen1floods11_scenes(root: Path, **_: object) -> list[SceneSpec]:
     for f in _rasters(root):
         m = _FLOOD.match(f.stem)
         if m:
-            found.setdefault(m["scene"], {})[m["kind"]] = f
+            _put(found.setdefault(m["scene"], {}), m["kind"], f, f"{m['kind']} of chip {m['scene']}")
     if not found:
         raise LayoutError(f"{root}: no Sen1Floods11 chip (*_S1Hand.tif / *_S2Hand.tif) found")
     specs = []
@@ -69,7 +82,7 @@ def sen1floods11_scenes(root: Path, **_: object) -> list[SceneSpec]:
         labels = None
         if "LabelHand" in files:
             labels = LabelSource("mask", FLOOD_CLASSES, path=files["LabelHand"],
-                                 value_to_class={0.0: 0, 1.0: 1})
+                                 value_to_class={0.0: 0, 1.0: 1})  # and -1: no label; others: errors
         specs.append(SceneSpec(name=scene, sources=sources, labels=labels, group=scene.split("_")[0]))
     return specs
 
@@ -103,16 +116,17 @@ def folder_scenes(root: Path, labels: Path | None = None, label_attribute: str |
     for f in rasters:
         stem = f.stem
         if stem == "labels" or stem.endswith("_labels"):
-            mask_files[f.parent.name if stem == "labels" else stem[: -len("_labels")]] = f
+            scene = f.parent.name if stem == "labels" else stem[: -len("_labels")]
+            _put(mask_files, scene, f, f"the labels of scene {scene}")
             continue
         if stem in MODALITIES:  # <scene>/<modality>.tif
-            multi.setdefault(f.parent.name, {})[stem] = f
+            _put(multi.setdefault(f.parent.name, {}), stem, f, f"modality {stem} of scene {f.parent.name}")
             continue
         scene, _, suffix = stem.rpartition("_")
         if scene and suffix in MODALITIES:
-            multi.setdefault(scene, {})[suffix] = f
+            _put(multi.setdefault(scene, {}), suffix, f, f"modality {suffix} of scene {scene}")
         elif scene and suffix in all_bands:
-            per_band.setdefault(scene, {})[suffix] = f
+            _put(per_band.setdefault(scene, {}), suffix, f, f"band {suffix} of scene {scene}")
     scenes = sorted(set(per_band) | set(multi))
     if not scenes:
         raise LayoutError(f"{root}: no raster named after a modality ({', '.join(MODALITIES)}) or a band")
@@ -133,6 +147,9 @@ def folder_scenes(root: Path, labels: Path | None = None, label_attribute: str |
             names = MODALITIES[modality].band_names
             sources[modality] = ModalitySource(modality, [bands[b] for b in names])
         for modality, f in sorted(multi.get(scene, {}).items()):
+            if modality in sources:
+                raise LayoutError(f"{sources[modality].files[0]} and {f}: modality {modality} of scene {scene} "
+                                  f"given twice (band files and a multi-band file); keep one")
             sources[modality] = ModalitySource(modality, [f])
         label_src = None
         if labels is not None:
@@ -147,39 +164,117 @@ def folder_scenes(root: Path, labels: Path | None = None, label_attribute: str |
 
 
 # ----- STAC -------------------------------------------------------------------------------
-def _check_stac_json(path: Path, seen: set[Path] | None = None) -> None:
-    """Parse a STAC file and every child/item it links to, naming the first unreadable file."""
-    seen = seen if seen is not None else set()
-    path = path.resolve()
-    if path in seen:
-        return
-    seen.add(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LayoutError(f"{path}: STAC file not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LayoutError(f"{path}: not valid STAC JSON: {exc}") from exc
-    for link in doc.get("links", []) if isinstance(doc, dict) else []:
-        if link.get("rel") in ("child", "item") and "://" not in str(link.get("href", "")):
-            _check_stac_json((path.parent / link["href"]), seen)
+MAX_STAC_DEPTH = 32  # catalog nesting followed at most (real catalogs nest a few levels)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder)
+
+
+def _stac_items(catalog_path: Path, allow_outside_paths: bool = False,
+                max_depth: int = MAX_STAC_DEPTH) -> list[Path]:
+    """The item files of a local STAC catalog, each catalog parsed once, without pystac's recursion.
+
+    Follows ``child`` and ``item`` links from ``catalog_path``; a link back to a catalog on the way
+    (a catalog that is its own child, two catalogs that are each other's child), a file reached by
+    two paths, nesting deeper than ``max_depth``, a remote link, and (unless
+    ``allow_outside_paths``) a link out of the catalog's folder are errors naming the catalog.
+
+    Raises:
+        LayoutError: as above, or an unreadable file (named).
+    """
+    folder = catalog_path.resolve().parent
+    items: list[Path] = []
+    seen: dict[Path, Path | None] = {}  # file -> the catalog that linked it
+
+    def read(path: Path) -> dict:
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LayoutError(f"{path}: STAC file not found") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise LayoutError(f"{path}: not valid STAC JSON: {str(exc)[:200]}") from exc
+        if not isinstance(doc, dict):
+            raise LayoutError(f"{path}: not valid STAC JSON: a {type(doc).__name__}, not an object")
+        return doc
+
+    def walk(path: Path, chain: list[Path]) -> None:
+        if len(chain) > max_depth:
+            raise LayoutError(f"{chain[0]}: STAC catalogs nest deeper than {max_depth} levels (at {path})")
+        doc = read(path)
+        if doc.get("type") == "Feature":
+            items.append(path)
+            return
+        links = doc.get("links", [])
+        for link in links if isinstance(links, list) else []:
+            if not isinstance(link, dict) or link.get("rel") not in ("child", "item"):
+                continue
+            href = str(link.get("href", ""))
+            if href.startswith("file://"):
+                href = href[len("file://"):]
+            elif "://" in href:
+                raise LayoutError(f"{path}: links to the remote STAC file {href}; only local catalogs are read")
+            child = Path(os.path.normpath(path.parent / href))
+            resolved = child.resolve()
+            if resolved == path:
+                raise LayoutError(f"{path}: STAC catalog is its own child (a link cycle)")
+            if resolved in chain:
+                loop = " -> ".join(str(p) for p in chain[chain.index(resolved):] + [resolved])
+                raise LayoutError(f"{resolved}: STAC catalog links form a cycle: {loop}")
+            if resolved in seen:
+                raise LayoutError(f"{resolved}: reached twice in the STAC catalog (linked from {seen[resolved]} "
+                                  f"and {path})")
+            if not allow_outside_paths and not _inside(resolved, folder):
+                raise LayoutError(f"{path}: links to {resolved}, outside the catalog's folder {folder} "
+                                  f"(--allow-outside-paths, or data.allow_outside_paths, reads it)")
+            seen[resolved] = path
+            walk(resolved, chain + [resolved])
+
+    root = catalog_path.resolve()
+    seen[root] = None
+    walk(root, [root])
+    return items
 
 
 def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: str | None = None,
-                **_: object) -> list[SceneSpec]:
-    """Items of a local STAC catalog; asset keys name a modality or a band, ``labels`` the labels."""
+                allow_outside_paths: bool = False, **_: object) -> list[SceneSpec]:
+    """Items of a local STAC catalog; asset keys name a modality or a band, ``labels`` the labels.
+
+    Args:
+        root: the catalog (``catalog.json``) or its folder.
+        classes: class names of mask labels (optional for vector labels).
+        label_attribute: the class column of vector labels.
+        allow_outside_paths: read assets (and follow links) outside the catalog's folder; by
+            default a catalog can only make ingestion read files under its own folder.
+
+    Raises:
+        LayoutError: link cycles, too deep nesting, files outside the catalog's folder, missing or
+            unreadable files, items without imagery (each names the catalog or the file).
+    """
     import pystac
     from pystac.errors import STACError
 
     catalog_path = root / "catalog.json" if root.is_dir() else root
-    _check_stac_json(catalog_path)
+    item_files = _stac_items(catalog_path, allow_outside_paths)
+    folder = catalog_path.resolve().parent
     try:
-        catalog = pystac.Catalog.from_file(str(catalog_path))
-        items = sorted(catalog.get_items(recursive=True), key=lambda i: i.id)
-    except (OSError, json.JSONDecodeError, STACError, KeyError, TypeError) as exc:
+        pystac.Catalog.from_file(str(catalog_path))
+    except (OSError, json.JSONDecodeError, STACError, KeyError, TypeError, ValueError) as exc:
         raise LayoutError(f"{catalog_path}: not a readable STAC catalog: {exc}") from exc
+    items = []
+    for f in item_files:
+        try:
+            items.append(pystac.Item.from_file(str(f)))
+        except (OSError, json.JSONDecodeError, STACError, KeyError, TypeError, ValueError) as exc:
+            raise LayoutError(f"{f}: not a readable STAC item: {exc}") from exc
     if not items:
         raise LayoutError(f"{catalog_path}: STAC catalog has no item")
+    by_id: dict[str, Path] = {}
+    for item, f in zip(items, item_files, strict=True):
+        if item.id in by_id:
+            raise LayoutError(f"{by_id[item.id]} and {f}: two STAC items with the id {item.id!r}")
+        by_id[item.id] = f
+    items.sort(key=lambda i: i.id)
     all_bands = {b: m for m, spec in MODALITIES.items() for b in spec.band_names}
     specs = []
     for item in items:
@@ -189,6 +284,9 @@ def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: s
             path = Path(asset.get_absolute_href() or asset.href)
             if not path.is_file():
                 raise LayoutError(f"{where}: asset {key!r} file {path} not found")
+            if not allow_outside_paths and not _inside(path, folder):
+                raise LayoutError(f"{where}: asset {key!r} file {path} is outside the catalog's folder {folder} "
+                                  f"(--allow-outside-paths, or data.allow_outside_paths, reads it)")
             hrefs[key] = path
         sources: dict[str, ModalitySource] = {}
         band_assets: dict[str, dict[str, Path]] = {}
@@ -202,6 +300,9 @@ def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: s
             modality = _band_modality(set(bands))
             if modality is None:
                 raise LayoutError(f"{where}: band assets {sorted(bands)} match no sensor")
+            if modality in sources:
+                raise LayoutError(f"{where}: modality {modality} given twice (asset {modality!r} and band assets "
+                                  f"{sorted(bands)}); keep one")
             sources[modality] = ModalitySource(modality, [bands[b] for b in MODALITIES[modality].band_names])
         if not sources:
             raise LayoutError(f"{where}: no asset named after a modality ({', '.join(MODALITIES)}) or a band")

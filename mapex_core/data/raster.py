@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,15 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.warp import calculate_default_transform, transform_bounds
 
+from mapex_core.modalities import get_modality
+
 # GDAL's block cache (default: 5% of RAM) would keep the blocks of every raster read so far; a
 # pass that reads each file once gains nothing from it: ingestion and `mapex predict` cap it.
 GDAL_CACHE_MB = 64
+# Default cap on the pixels of one file and of one scene's grid (``data.max_scene_pixels``): a
+# Sentinel-2 tile (10980 x 10980 = 120.6 M px) fits; a header declaring 30000 x 30000 px does not.
+# A scene is held as float32 in memory: about 0.6 GB per band at the cap.
+MAX_SCENE_PIXELS = 150_000_000
 
 
 def window_offsets(size: int, chip: int, stride: int) -> list[int]:
@@ -117,21 +124,60 @@ def grid_of(da: xr.DataArray) -> Grid:
     return Grid(da.rio.crs.to_wkt(), (t.a, t.b, t.c, t.d, t.e, t.f), (da.shape[-2], da.shape[-1]))
 
 
-def open_raster(path: str | Path, expected_bands: int | None = None) -> xr.DataArray:
-    """Open a raster lazily as ``(bands, y, x)``; nodata becomes NaN in :func:`read_values`.
-
-    A nodata value shared by all bands is masked by :func:`read_values` (one comparison, half the
-    time of GDAL's masked read); a raster with a mask band, an alpha channel or per-band nodata
-    values is opened masked (GDAL applies those masks).
+def check_header(ds: rasterio.DatasetReader, path: Path, expected_bands: int | None, modality: str | None,
+                  bands: Sequence[str] | None, max_pixels: int | None) -> None:
+    """Declared size, band count and data types of an open dataset, before any pixel is read.
 
     Raises:
-        RasterError: unreadable or corrupt file, unexpected band count, or no CRS.
+        RasterError: more pixels than ``max_pixels``, another band count, a complex data type, or one
+            the modality's values cannot be in (names the file and the band).
+    """
+    if max_pixels is not None and ds.height * ds.width > max_pixels:
+        raise RasterError(f"{path}: declares {ds.height} x {ds.width} px ({ds.height * ds.width:,} pixels), more "
+                          f"than data.max_scene_pixels = {max_pixels:,} (a damaged or hostile header, or a "
+                          f"scene too large for one read: raise the setting)")
+    if expected_bands is not None and ds.count and ds.count != expected_bands:  # 0: sub-datasets, named later
+        raise RasterError(f"{path}: expected {expected_bands} band(s), found {ds.count}")
+    spec = get_modality(modality) if modality is not None else None
+    for i, dtype in enumerate(ds.dtypes):
+        name = f"band {i + 1}" + (f" ({bands[i]})" if bands is not None and i < len(bands) else "")
+        if dtype.startswith("complex"):  # complex_int16, complex64, complex128
+            raise RasterError(f"{path}: {name} has the complex data type {dtype}; complex-valued rasters (e.g. SAR "
+                              f"SLC) are not supported" + (f", {spec.name} needs {', '.join(spec.dtypes)}" if spec else ""))
+        if spec is not None and dtype not in spec.dtypes:
+            lo, hi = spec.valid_range
+            raise RasterError(f"{path}: {name} has the data type {dtype}, which cannot hold {spec.name} values "
+                              f"({spec.units}, {lo:g} to {hi:g}); expected one of {', '.join(spec.dtypes)}")
+
+
+def open_raster(path: str | Path, expected_bands: int | None = None, *, modality: str | None = None,
+                bands: Sequence[str] | None = None, max_pixels: int | None = None) -> xr.DataArray:
+    """Open a raster lazily as ``(bands, y, x)``; nodata becomes NaN in :func:`read_values`.
+
+    The header is checked before any pixel is read: the declared size against ``max_pixels``, the
+    band count, and the data types (never complex; one of the modality's
+    :attr:`~mapex_core.modalities.ModalitySpec.dtypes` when ``modality`` is given). A nodata value
+    shared by all bands is masked by :func:`read_values` (one comparison, half the time of GDAL's
+    masked read); a raster with a mask band, an alpha channel or per-band nodata values is opened
+    masked (GDAL applies those masks).
+
+    Args:
+        path: the raster file.
+        expected_bands: the band count it must have.
+        modality: the sensor it holds (checks the data types).
+        bands: the names of its bands, for messages.
+        max_pixels: the most pixels (height x width) it may declare.
+
+    Raises:
+        RasterError: unreadable or corrupt file, a declared size over ``max_pixels``, unexpected band
+            count, an impossible data type, or no CRS.
     """
     path = Path(path)
     if not path.is_file():
         raise RasterError(f"{path}: file not found")
     try:
         with rasterio.open(path) as ds:
+            check_header(ds, path, expected_bands, modality, bands, max_pixels)
             # GDAL's masked read for masks other than one nodata value: a mask band, alpha, or
             # nodata values that differ between bands (VRT, netCDF, ENVI)
             masked = (any(set(flags) - {MaskFlags.all_valid, MaskFlags.nodata} for flags in ds.mask_flag_enums)

@@ -22,6 +22,7 @@ from rasterio.enums import Resampling
 
 from mapex_core.data.labels import LabelSource, load_labels
 from mapex_core.data.raster import (
+    MAX_SCENE_PIXELS,
     Grid,
     RasterError,
     grid_of,
@@ -79,41 +80,86 @@ class SceneSpec:
         return out
 
 
-def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None = None) -> Sample:
+def _check_footprints(m: str, files: list[Path], grids: list[Grid]) -> None:
+    """The per-band files of one modality cover the same ground (within a pixel of the coarser file):
+    a band whose header declares another size or place is named before any pixel is read."""
+    first, g0 = files[0], grids[0]
+    names = get_modality(m).band_names
+    for i, (f, g) in enumerate(zip(files, grids, strict=True)):
+        if g.crs != g0.crs:
+            continue  # compared after reprojection only; bands of one sensor share a CRS
+        tol = max(abs(g.affine.a), abs(g.affine.e), abs(g0.affine.a), abs(g0.affine.e))
+        if any(abs(a - b) > tol for a, b in zip(g.bounds, g0.bounds, strict=True)):
+            raise RasterError(f"{f}: band {names[i]} ({g.shape[0]} x {g.shape[1]} px) does not cover the ground of "
+                              f"band {names[0]} ({first.name}, {g0.shape[0]} x {g0.shape[1]} px): bounds "
+                              f"{_fmt(g.bounds)} vs {_fmt(g0.bounds)}")
+
+
+def _fmt(bounds: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{b:.10g}" for b in bounds) + ")"
+
+
+def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None = None,
+               max_pixels: int | None = MAX_SCENE_PIXELS) -> Sample:
     """Read and co-register one scene.
+
+    Every file's header is checked before any pixel is read (declared size, band count, data type:
+    :func:`~mapex_core.data.raster.open_raster`), and so is the size of the scene's grid; after
+    reading, a band without any valid pixel is named.
 
     Args:
         spec: the scene's files.
         crs: target CRS (default: the finest modality's).
         resolution: target pixel size in target-CRS units (default: the finest modality's).
+        max_pixels: the most pixels a file or the scene's grid may have (``data.max_scene_pixels``);
+            ``None``: no cap.
 
     Raises:
-        RasterError: a corrupt or missing file, a wrong band count, a raster without CRS, or a
-            modality that is entirely nodata (each names the file).
-        ValueError: labels that do not overlap the imagery.
+        RasterError: a corrupt or missing file, a declared size over ``max_pixels``, a wrong band
+            count or data type, band files of one modality that cover different ground, a raster
+            without CRS, or a modality or band that is entirely nodata (each names the file).
+        ValueError: labels that do not overlap the imagery, or invalid label values.
     """
     opened: dict[str, list] = {}
     grids: list[Grid] = []
     for m, src in spec.sources.items():
-        n = get_modality(m).num_bands
+        names = get_modality(m).band_names
+        n = len(names)
         if src.per_band and len(src.files) != n:
             raise RasterError(f"{spec.name}: modality {m!r} needs {n} band files, found {len(src.files)}")
-        expected = 1 if src.per_band else n
-        das = [open_raster(f, expected_bands=expected) for f in src.files]
+        if src.per_band:
+            das = [open_raster(f, expected_bands=1, modality=m, bands=[b], max_pixels=max_pixels)
+                   for f, b in zip(src.files, names, strict=True)]
+        else:
+            das = [open_raster(src.files[0], expected_bands=n, modality=m, bands=names, max_pixels=max_pixels)]
         opened[m] = das
-        grids.extend(grid_of(d) for d in das)
+        these = [grid_of(d) for d in das]
+        if len(these) > 1:
+            _check_footprints(m, src.files, these)
+        grids.extend(these)
     grid = reference_grid(grids, crs=crs, resolution=resolution)
+    if max_pixels is not None and grid.shape[0] * grid.shape[1] > max_pixels:
+        h, w = grid.shape
+        raise RasterError(f"{spec.files()[0]}: scene {spec.name} needs a {h} x {w} px grid ({h * w:,} pixels), more "
+                          f"than data.max_scene_pixels = {max_pixels:,} (raise it, or a coarser data.resolution)")
 
     arrays: dict[str, np.ndarray] = {}
     for m, das in opened.items():
         files = spec.sources[m].files
         nodata = get_modality(m).nodata
         parts = [reproject_onto(d, grid, f, Resampling.bilinear, nodata=nodata) for d, f in zip(das, files, strict=True)]
+        empty = np.array([bool(np.isnan(band).all()) for part in parts for band in part])  # a band at a time
         arr = np.concatenate(parts, axis=0)  # (C, H, W), nodata as NaN
-        if np.isnan(arr).all():
-            names = ", ".join(str(f) for f in files)
-            raise RasterError(f"{names}: modality {m!r} of scene {spec.name} has no valid pixel (all nodata/NaN)")
+        if empty.all():
+            listed = ", ".join(str(f) for f in files)
+            raise RasterError(f"{listed}: modality {m!r} of scene {spec.name} has no valid pixel (all nodata/NaN)")
+        if empty.any():
+            b = int(np.argmax(empty))
+            f, in_file = (files[b], 1) if len(files) > 1 else (files[0], b + 1)
+            raise RasterError(f"{f}: band {in_file} ({get_modality(m).band_names[b]}) of modality {m!r} has no valid "
+                              f"pixel in scene {spec.name} (all nodata/NaN) while the other bands have data")
         arrays[m] = arr
-    labels = load_labels(spec.labels, grid, spec.name) if spec.labels is not None else None
+    labels = (load_labels(spec.labels, grid, spec.name, max_pixels=max_pixels)
+              if spec.labels is not None else None)
     return Sample(name=spec.name, arrays=arrays, grid=grid, labels=labels, time=spec.time,
                   sources={m: str(s.files[0].parent) for m, s in spec.sources.items()})

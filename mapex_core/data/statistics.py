@@ -2,7 +2,8 @@
 
 Computed in one streaming pass at ingestion (:class:`BandStats`: count, sum, sum of squares and a
 histogram per band, so memory does not depend on the number of chips), from the finite pixels of
-the train split only (no leakage of validation or test pixels into the normalisation; an infinite
+the train split only, and only of chips that passed validation (a quarantined chip's pixels are
+taken out again when the store is closed) (no leakage of validation or test pixels into the normalisation; an infinite
 value in a raster is left out, not averaged into every pixel's normalisation). Several stores pool
 their statistics by pixel counts (:func:`pooled_normalization`). A store whose statistics are not
 finite (written by an older version) is refused when opened (:func:`check_statistics`).
@@ -27,9 +28,10 @@ class BandStats:
         self.total_sq = np.zeros(n_bands, np.float64)
         self.hist = np.zeros((n_bands, HIST_BINS), np.int64)
 
-    def update(self, x: np.ndarray, also: BandStats | None = None) -> None:
-        """Add the pixels of ``x`` ``(C, H, W)``; NaN pixels are skipped. ``also`` (statistics of
-        the same sensor) gets the same pixels without computing them twice."""
+    def update(self, x: np.ndarray, also: BandStats | None = None, sign: int = 1) -> None:
+        """Add the pixels of ``x`` ``(C, H, W)``; non-finite pixels are skipped. ``also`` (statistics
+        of the same sensor) gets the same pixels without computing them twice. ``sign=-1`` takes
+        pixels added before out again (a chip that failed validation)."""
         scale = HIST_BINS / (self.hi - self.lo)
         for c in range(x.shape[0]):
             v = x[c][np.isfinite(x[c])].astype(np.float64)  # valid pixels of band c: no NaN, no inf
@@ -37,10 +39,10 @@ class BandStats:
             np.clip(idx, 0, HIST_BINS - 1, out=idx)
             part = (v.size, v.sum(), np.dot(v, v), np.bincount(idx, minlength=HIST_BINS))
             for stats in (self, also) if also is not None else (self,):
-                stats.count[c] += part[0]
-                stats.total[c] += part[1]
-                stats.total_sq[c] += part[2]
-                stats.hist[c] += part[3]
+                stats.count[c] += sign * part[0]
+                stats.total[c] += sign * part[1]
+                stats.total_sq[c] += sign * part[2]
+                stats.hist[c] += sign * part[3]
 
     def finish(self) -> dict[str, np.ndarray]:
         n = np.maximum(self.count, 1)

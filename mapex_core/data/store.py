@@ -18,7 +18,8 @@ variable               dims                            meaning
 =====================  ==============================  ======================================
 
 Write with :class:`ChipWriter` (streams chips to a temporary store, renames it into place when
-complete, so a crash never leaves a partial store). Read with
+complete, so a crash never leaves a partial store; it replaces only a chip store, unless forced).
+Read with
 :meth:`mapex_core.data.dataset.ChipStore.open`, a torch ``Dataset`` of dict samples normalised
 with the stored statistics.
 """
@@ -26,8 +27,8 @@ with the stored statistics.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from mapex_core.data.raster import Grid, window_offsets
 from mapex_core.data.sample import Sample
 from mapex_core.data.sampling import assign_split, assign_splits
 from mapex_core.data.statistics import BandStats
-from mapex_core.io import replace_folder
+from mapex_core.io import check_output, replace_folder, sweep_strays, temporary_sibling
 from mapex_core.metrics import IGNORE_INDEX
 from mapex_core.modalities import get_modality
 
@@ -48,6 +49,24 @@ FORMAT_VERSION = 1
 META_COLUMNS = ("chip_id", "sample", "split", "crs", "time", "row", "col", "content_hash")
 CHUNK_CHIPS = 8
 LABEL_TYPES = ("multilabel", "class", "mask")
+
+
+def chip_store_problem(path: str | Path) -> str | None:
+    """What makes ``path`` something other than a chip store (``None``: an empty folder or a chip store)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "is a file, not a chip store"
+    try:
+        if not any(path.iterdir()):
+            return None
+        attrs = json.loads((path / ".zattrs").read_text())
+    except (OSError, ValueError):
+        attrs = None
+    if isinstance(attrs, dict) and attrs.get("format") == FORMAT:
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"is a folder that is not a chip store (it holds {', '.join(names[:5])}{more})"
 
 
 class ChipWriter:
@@ -63,6 +82,8 @@ class ChipWriter:
         seed: seed of the spatially blocked train/val/test split.
         flush_every: chips buffered in memory before they are appended to disk.
         attrs: extra store attributes (layout, source, processing level...).
+        force: replace whatever is at ``path``; otherwise only a chip store (or an empty folder)
+            is replaced and anything else is an error, here and again when the store is complete.
 
     Besides the arrays, every chip gets a metadata row (see :meth:`table`): ids, split, CRS,
     transform, presence, nodata fraction and per-band min/max per modality, and a content hash.
@@ -78,8 +99,11 @@ class ChipWriter:
         seed: int = 0,
         flush_every: int = 256,
         attrs: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.force = force
+        self._check_out()
         self.modalities = list(modalities)
         self.specs = {m: get_modality(m) for m in self.modalities}
         self.chip_size = chip_size
@@ -90,7 +114,8 @@ class ChipWriter:
         self.seed = seed
         self.flush_every = max(CHUNK_CHIPS, flush_every - flush_every % CHUNK_CHIPS)
         self.attrs = dict(attrs or {})
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        sweep_strays(self.path)  # temporaries of a killed earlier ingest
+        self.tmp = temporary_sibling(self.path)
         # normalisation statistics from train chips only (no val/test leakage); the statistics
         # of all chips are the fallback for a store without train chips
         self.stats = {m: BandStats(s.num_bands, *s.valid_range) for m, s in self.specs.items()}
@@ -100,11 +125,17 @@ class ChipWriter:
         self._buf: dict[str, np.ndarray] = {}
         self._n_buf = 0
         self.rows: list[dict[str, Any]] = []
+        # per chip, the (height, width) of its window whose pixels went into the statistics on its
+        # behalf, so that a chip which fails validation can be taken out of them again
+        self._stat_regions: list[tuple[int, int] | None] = []
         self._ids: set[str] = set()
 
     @property
     def n_chips(self) -> int:
         return len(self.rows)
+
+    def _check_out(self) -> None:
+        check_output(self.path, chip_store_problem, self.force)
 
     def __enter__(self) -> ChipWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +182,8 @@ class ChipWriter:
             for m, a in sample.arrays.items():  # statistics over the sample's pixels, once
                 self.stats_all[m].update(a, also=self.stats[m] if whole == "train" else None)
         n = 0
-        for r in rows:
-            for c in cols:
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
                 if split is not None:
                     chip_split = split
                 elif split_block:
@@ -177,6 +208,11 @@ class ChipWriter:
                     split=chip_split,
                     update_stats=False,
                 )
+                # what went into the statistics on this chip's behalf: its whole window (per-chip
+                # statistics), or the pixels it owns in the sample (from its offset to the next chip's)
+                self._stat_regions[-1] = (cs, cs) if split is None and split_block else (
+                    min((rows[i + 1] if i + 1 < len(rows) else h) - r, cs),
+                    min((cols[j + 1] if j + 1 < len(cols) else w) - c, cs))
                 n += 1
         return n
 
@@ -247,6 +283,7 @@ class ChipWriter:
             self._buf["labels"][i] = np.asarray(labels).astype(self._buf["labels"].dtype)
         meta["content_hash"] = digest.hexdigest()
         self.rows.append(meta)
+        self._stat_regions.append((self.chip_size, self.chip_size) if update_stats else None)
         self._n_buf += 1
         if self._n_buf >= self.flush_every:
             self._flush()
@@ -314,6 +351,24 @@ class ChipWriter:
             ds.to_zarr(self.tmp, mode="w", zarr_format=2, consolidated=False, encoding=enc)
         self._n_buf = 0
 
+    def _drop_from_statistics(self, quarantine: dict[str, list[str]]) -> None:
+        """Take the pixels of quarantined chips out of the normalisation statistics (read back from the
+        temporary store: only chips that passed validation shape the normalisation)."""
+        if not quarantine:
+            return
+        import zarr
+
+        group = zarr.open_group(str(self.tmp), mode="r")
+        for i, row in enumerate(self.rows):
+            region = self._stat_regions[i]
+            if row["chip_id"] not in quarantine or region is None:
+                continue
+            h, w = region
+            for m in self.modalities:
+                if row[f"present_{m}"]:
+                    x = np.asarray(group[m][i, :, :h, :w], dtype=np.float32)  # (C, h, w)
+                    self.stats_all[m].update(x, also=self.stats[m] if row["split"] == "train" else None, sign=-1)
+
     def close(self, quarantine: dict[str, list[str]] | None = None) -> Path:
         """Write statistics, attributes and the quarantine list, then move the store into place.
 
@@ -330,6 +385,7 @@ class ChipWriter:
         unknown = sorted(set(q) - self._ids)
         if unknown:
             raise ValueError(f"quarantine names unknown chips: {unknown[:5]}")
+        self._drop_from_statistics(q)
         rows = self.rows
         stats: dict[str, Any] = {}
         for m in self.modalities:
@@ -365,4 +421,9 @@ class ChipWriter:
         import zarr
 
         zarr.consolidate_metadata(str(self.tmp), zarr_format=2)
-        return replace_folder(self.tmp, self.path)
+        try:
+            self._check_out()  # again: something may have appeared at the path meanwhile
+            return replace_folder(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise

@@ -4,13 +4,74 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 from mapex_core.modalities import get_modality
 
 ROUTING_MODES = ("modality", "standard")
+# Bounds of the integer fields: wide enough for any model this code can train (a ViT-H is dim 1280,
+# depth 32, heads 16), narrow enough that a hand-edited or hostile config.json is refused before a
+# module is built (``depth: 1000000`` would otherwise build for minutes).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "img_size": (1, 8192), "patch_size": (1, 512), "dim": (4, 16384), "depth": (1, 256), "heads": (1, 256),
+    "moe_every": (1, 256), "experts_per_modality": (0, 1024), "shared_experts": (0, 1024), "top_k": (1, 1024),
+    "decoder_dim": (4, 16384), "decoder_depth": (0, 256), "decoder_heads": (1, 256),
+}
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "mlp_ratio": (0.0, 64.0), "router_bias_init": (-1e6, 1e6), "balance_loss_weight": (0.0, 1e6),
+    "mask_ratio": (0.0, 1.0),
+}
+MAX_IN_CHANS = 1024  # bands of one modality
+MAX_EXPERTS = 4096  # experts of one MoE layer
+
+
+def check_bounds(data: dict[str, Any]) -> None:
+    """Check the types and ranges of a config's numeric fields, before anything is built from them.
+
+    Raises:
+        ValueError: names the field, its value and the allowed range.
+    """
+    for name, (lo, hi) in INT_BOUNDS.items():
+        if name in data:
+            v = data[name]
+            if not isinstance(v, Integral) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"field {name!r} = {v!r} must be an integer in [{lo}, {hi}]")
+    for name, (flo, fhi) in FLOAT_BOUNDS.items():
+        if name in data:
+            v = data[name]
+            if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v) or not flo <= v <= fhi:
+                raise ValueError(f"field {name!r} = {v!r} must be a number in [{flo:g}, {fhi:g}]")
+    chans = data.get("in_chans") or {}
+    if not isinstance(chans, dict):
+        raise ValueError(f"field 'in_chans' must be an object modality -> band count, got {chans!r}")
+    for m, c in chans.items():
+        if not isinstance(c, Integral) or isinstance(c, bool) or not 1 <= c <= MAX_IN_CHANS:
+            raise ValueError(f"field 'in_chans.{m}' = {c!r} must be an integer in [1, {MAX_IN_CHANS}]")
+    mods = data.get("modalities")
+    if mods is not None and (not isinstance(mods, list | tuple) or not all(isinstance(m, str) for m in mods)):
+        raise ValueError(f"field 'modalities' must be a list of modality names, got {mods!r}")
+
+
+def _check_normalization(norm: Any, in_chans: dict[str, int]) -> None:
+    """Per modality ``{"mean": [...], "std": [...]}``: one finite value per band, every std > 0."""
+    if not isinstance(norm, dict):
+        raise ValueError(f"field 'normalization' must be an object modality -> {{mean, std}}, got {type(norm).__name__}")
+    for m, stats in norm.items():
+        if not isinstance(stats, dict) or set(stats) != {"mean", "std"}:
+            raise ValueError(f"field 'normalization.{m}' must be an object with 'mean' and 'std' lists")
+        for key in ("mean", "std"):
+            vals = stats[key]
+            ok = isinstance(vals, list | tuple) and all(
+                isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+            if not ok or (m in in_chans and len(vals) != in_chans[m]):
+                raise ValueError(f"field 'normalization.{m}.{key}' must hold {in_chans.get(m, 'one per band')} "
+                                 "finite numbers (one per band)")
+            if key == "std" and any(v <= 0 for v in vals):
+                raise ValueError(f"field 'normalization.{m}.std' must be > 0 for every band")
 
 
 @dataclass
@@ -74,6 +135,7 @@ class MapexConfig:
     origin: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        check_bounds(vars(self))
         self.modalities = list(self.modalities)
         if not self.modalities:
             raise ValueError("MapexConfig.modalities must name at least one modality")
@@ -84,6 +146,9 @@ class MapexConfig:
             if m not in chans:
                 chans[m] = get_modality(m).num_bands
         self.in_chans = {m: int(chans[m]) for m in self.modalities}
+        check_bounds({"in_chans": self.in_chans})
+        if self.normalization is not None:
+            _check_normalization(self.normalization, self.in_chans)
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.dim % self.heads:
@@ -98,6 +163,9 @@ class MapexConfig:
                 f"need at least one expert: experts_per_modality={self.experts_per_modality}, "
                 f"shared_experts={self.shared_experts}"
             )
+        if self.num_experts > MAX_EXPERTS:
+            raise ValueError(f"field 'experts_per_modality' / 'shared_experts': {self.num_experts} experts per MoE "
+                             f"layer exceed {MAX_EXPERTS}")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(
                 f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
@@ -123,7 +191,11 @@ class MapexConfig:
                 raise ValueError(f"modalities {missing} have no expert group in expert_modalities "
                                  f"{self.expert_modalities}")
         if self.kept_experts is not None:
-            self.kept_experts = [sorted(int(e) for e in layer) for layer in self.kept_experts]
+            try:
+                self.kept_experts = [sorted(int(e) for e in layer) for layer in self.kept_experts]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"field 'kept_experts' must be a list (one per MoE layer) of lists of expert "
+                                 f"indices: {exc}") from None
             if len(self.kept_experts) != len(self.moe_layers):
                 raise ValueError(
                     f"kept_experts has {len(self.kept_experts)} layers, the model has "

@@ -140,42 +140,71 @@ def strip_decoder(model: MapexModel) -> MapexModel:
 
 
 def save_task_model(model: TaskModel, directory: str | Path) -> Path:
-    """Write ``config.json``, ``task.json`` and ``model.safetensors`` (atomically, each)."""
+    """Write ``config.json``, ``task.json`` and ``model.safetensors`` (atomically, each).
+
+    An existing ``config.json`` is removed first and written last: a folder with a ``config.json``
+    holds one model's three files, never a mix.
+    """
     out = Path(directory)
+    (out / "config.json").unlink(missing_ok=True)
     save_weights(model, out / "model.safetensors")
     task = {"task": model.task, "class_names": model.class_names, "head_channels": model.head_channels,
             "input_modalities": model.input_modalities, **model.info}
-    write_config(out / "config.json", model.encoder.config)
     atomic_write_json(out / "task.json", task, newline=True)
+    write_config(out / "config.json", model.encoder.config)
     return out
 
 
-def load_task_model(directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
-    """Load a task model saved by :func:`save_task_model`.
+def check_task_folder(directory: str | Path) -> tuple[MapexConfig, dict[str, Any]]:
+    """Check a task model folder without loading its weights: the files exist, ``config.json`` and
+    ``task.json`` are within bounds, and ``model.safetensors``' header holds exactly the tensors they imply.
+
+    Returns:
+        ``(config, task)``: the parsed ``config.json`` and ``task.json``.
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: corrupt or inconsistent files (names the file).
+        ValueError: corrupt or inconsistent files (names the folder, the file and the field).
     """
+    from mapex_core.model.checks import check_shapes, check_task_info, read_header
+    from mapex_core.model.serialization import read_config
+
     d = Path(directory)
     for name in ("config.json", "task.json", "model.safetensors"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name} not found: a fine-tuned MAPEX model directory holds "
                                     "config.json, task.json and model.safetensors")
+    config = read_config(d / "config.json")
     try:
-        config = MapexConfig.from_json(d / "config.json")
         task = json.loads((d / "task.json").read_text())
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{d}: invalid config.json or task.json: {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{d / 'task.json'}: not valid JSON: {exc}") from exc
+    check_task_info(d, task)
+    header = read_header(d / "model.safetensors")
+    check_shapes(d, header, lambda: _build_task_model(config, task), config, task)
+    check_task_info(d, task, config.modalities)  # input modalities the encoder has: after the encoder matched
+    return config, task
+
+
+def _build_task_model(config: MapexConfig, task: dict[str, Any]) -> TaskModel:
     info = {k: v for k, v in task.items() if k not in ("task", "class_names", "head_channels", "input_modalities")}
+    return TaskModel(MapexModel(config, with_decoder=False), task["task"], task["class_names"], info,
+                     task.get("head_channels", 64), task.get("input_modalities"))
+
+
+def load_task_model(directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
+    """Load a task model saved by :func:`save_task_model`, after :func:`check_task_folder`.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: corrupt or inconsistent files (names the folder, the file and the field).
+    """
+    d = Path(directory)
+    config, task = check_task_folder(d)
     try:
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{d / 'model.safetensors'} is not a readable safetensors file: {exc}") from exc
-
-    def build(cfg: MapexConfig) -> TaskModel:
-        return TaskModel(MapexModel(cfg, with_decoder=False), task["task"], task["class_names"], info,
-                         task.get("head_channels", 64), task.get("input_modalities"))
-
-    model = assign_weights(build, (config,), state, f"{d / 'model.safetensors'} does not match config.json/task.json")
+    model = assign_weights(_build_task_model, (config, task), state,
+                           f"{d / 'model.safetensors'} does not match config.json/task.json")
     return model.to(device)

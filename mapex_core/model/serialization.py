@@ -10,7 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mapex_core.io import atomic_write, atomic_write_text
+from mapex_core.io import atomic_write, atomic_write_text, folder_problem
+from mapex_core.model.checks import check_shapes, read_header
 from mapex_core.model.config import MapexConfig
 from mapex_core.model.mapex import MapexModel
 
@@ -35,12 +36,35 @@ def write_config(path: str | Path, config: Any) -> Path:
 def save_model(model: MapexModel, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
 
-    Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
+    Each file is written to a temporary name and renamed, so a crash never leaves a torn file; an
+    existing ``config.json`` is removed first and written last, so a folder with a ``config.json``
+    never pairs it with other weights (commands write whole folders: :func:`mapex_core.io.replace_folder`).
     """
     out = Path(directory)
+    (out / CONFIG_NAME).unlink(missing_ok=True)
     save_weights(model, out / WEIGHTS_NAME)
     write_config(out / CONFIG_NAME, model.config)
     return out
+
+
+# the files MAPEX writes in a model folder (pruned, fine-tuned): what `--out` may replace without --force
+MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "task.json", "prune_report.json", "finetune.json")
+
+
+def model_folder_problem(path: str | Path) -> str | None:
+    """What makes ``path`` something other than a MAPEX model folder, or ``None`` (see
+    :func:`mapex_core.io.check_output`): other entries, or a ``config.json`` that is not a MAPEX config."""
+    def config_problem(folder: Path) -> str | None:
+        cfg = folder / CONFIG_NAME
+        try:
+            data = json.loads(cfg.read_text()) if cfg.is_file() else {"modalities": [], "experts_per_modality": 0}
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not {"modalities", "experts_per_modality"} <= set(data):
+            return f"is not a MAPEX model folder ({CONFIG_NAME} is not a MAPEX model config)"
+        return None
+
+    return folder_problem(path, "a MAPEX model folder", MODEL_FOLDER_FILES, config_problem)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> MapexModel:
@@ -55,16 +79,31 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Map
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: a MAPEX model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config = MapexConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise ValueError(f"{cfg_path} is not a valid MAPEX config: {exc}") from exc
+    config = read_config(cfg_path)
+    # the header's tensor shapes against the config (bounds first): no weight is read before they agree
+    header = read_header(w_path)
+    with_decoder = any(k.startswith("decoder") for k in header)
+    check_shapes(d, header, lambda: MapexModel(config, with_decoder), config)
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from exc
-    with_decoder = any(k.startswith("decoder") for k in state)
     return assign_weights(MapexModel, (config, with_decoder), state, f"{w_path} does not match {cfg_path}").to(device)
+
+
+def read_config(path: str | Path) -> MapexConfig:
+    """The :class:`MapexConfig` in ``path`` (a model folder's ``config.json``), its fields checked.
+
+    Raises:
+        ValueError: not JSON, not an object, an unknown field or one out of bounds (names the file and the field).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return MapexConfig.from_dict(data)
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a valid MAPEX config: {exc}") from exc
 
 
 def assign_weights(cls: type, args: tuple, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
@@ -82,6 +121,10 @@ def assign_weights(cls: type, args: tuple, state: dict[str, torch.Tensor], what:
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, shape in shapes.items() if tuple(state[k].shape) != shape]
+    if wrong:  # a ValueError that names the tensor, not torch's "size mismatch" RuntimeError
+        raise ValueError(f"{what}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {shapes[wrong[0]]}")
     model.load_state_dict(state, strict=True, assign=True)
     for mod in model.modules():
         if isinstance(mod, MapexModel):

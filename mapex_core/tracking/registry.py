@@ -8,7 +8,8 @@
   reasons become version tags. Aliases move under a lock, after the gate, so concurrent retrains
   cannot interleave their read-compare-move.
 * Registration is idempotent: a model whose weights (sha256) are already a version of the
-  registered model is not registered again.
+  registered model is not registered again. The check and the registration run under the same
+  lock, so two processes registering the same weights at once still create one version.
 * Application names are checked (:func:`mapex_core.names.check_name`) before they reach a query.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -51,22 +53,41 @@ def registered_name(app: str) -> str:
     return f"mapex-{check_name(app)}"
 
 
+_HELD: dict[str, list[Any]] = {}  # lock file -> [threading.RLock, depth, open file]: re-entrant in a process
+_HELD_GUARD = threading.Lock()
+
+
 @contextmanager
 def registry_lock(root: str | Path = ".") -> Iterator[None]:
-    """An exclusive lock (``mlflow/registry.lock``) around alias moves of this project's registry.
+    """An exclusive lock (``mlflow/registry.lock``) around registrations and alias moves of this project's registry.
 
     It serialises retrains of one project folder on one machine (the local and the sqlite case).
     Workers on several machines sharing a tracking server need a shared folder for it (or one
-    worker per pool that registers).
+    worker per pool that registers). Re-entrant within a process (a registration holds it while
+    its gate takes it again).
     """
-    path = Path(root) / STORE_DIR / "registry.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = (Path(root) / STORE_DIR / "registry.lock").resolve()
+    with _HELD_GUARD:
+        entry = _HELD.setdefault(str(path), [threading.RLock(), 0, None])
+    with entry[0]:
+        if entry[1] == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")  # noqa: SIM115 - held across the yield, closed below
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except BaseException:
+                f.close()
+                raise
+            entry[2] = f
+        entry[1] += 1
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            entry[1] -= 1
+            if entry[1] == 0:
+                fcntl.flock(entry[2], fcntl.LOCK_UN)
+                entry[2].close()
+                entry[2] = None
 
 
 def _existing_version(client: MlflowClient, name: str, sha: str) -> Any | None:
@@ -95,11 +116,16 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
     """
     d = Path(pretrain_dir)
     sha = file_sha256(d / "model.safetensors")
+    with registry_lock(root):  # the "already registered?" check and the registration: one step for other processes
+        return _log_pretrain_locked(d, sha, params, chips, git, root)
+
+
+def _log_pretrain_locked(d: Path, sha: str, params: dict[str, Any], chips: dict[str, str | None], git: str,
+                         root: str | Path) -> dict[str, Any]:
     client = MlflowClient()
     found = _existing_version(client, PRETRAINED_MODEL, sha)
     if found is not None:  # these weights again (e.g. params reverted): make them current again
-        with registry_lock(root):
-            client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, str(found.version))
+        client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, str(found.version))
         return {"run_id": found.run_id, "version": str(found.version), "new": False}
     metrics = json.loads((d / "metrics.json").read_text())
     config = json.loads((d / "config.json").read_text())
@@ -113,8 +139,7 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
             ver = _log_pretrain_run(d, params, metrics, chips)
             for k, v in {"model_sha256": sha, "run_id": run.info.run_id, "git_sha": git}.items():
                 client.set_model_version_tag(PRETRAINED_MODEL, ver, k, v)
-            with registry_lock(root):
-                client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
+            client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
     except BaseException:
         _delete_version(client, PRETRAINED_MODEL, ver)
         raise
@@ -163,6 +188,13 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
     d = Path(finetuned_dir)
     name = registered_name(app.name)
     sha = file_sha256(d / "model.safetensors")
+    with registry_lock(root):  # the "already registered?" check, the registration and the gate: one step
+        return _register_app_locked(app, d, name, sha, prune_report, evaluation, finetune_summary, lineage, root)
+
+
+def _register_app_locked(app: Any, d: Path, name: str, sha: str, prune_report: dict[str, Any],
+                         evaluation: dict[str, Any], finetune_summary: dict[str, Any], lineage: dict[str, Any],
+                         root: str | Path) -> dict[str, Any]:
     client = MlflowClient()
     found = _existing_version(client, name, sha)
     if found is not None:

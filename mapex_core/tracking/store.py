@@ -13,11 +13,13 @@ What is registered under which name, aliases and the promotion gate are in
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 import warnings
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from mapex_core.errors import MapexError
 from mapex_core.tracking.served import signature
@@ -62,23 +65,45 @@ def configure(uri: str | None = None, root: str | Path = ".") -> str:
         TrackingError: a server that does not answer, or a store that cannot be opened.
     """
     uri = uri or tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        client = MlflowClient()
-        if client.get_experiment_by_name(EXPERIMENT) is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):
-                artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-            with suppress(MlflowException):  # created concurrently by another run
-                client.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    except MlflowException as exc:
+        # MLflow creates a fresh sqlite store's schema on first use, unguarded: two processes starting at once
+        # both run the migrations and one crashes ("table experiments already exists"). The first use of
+        # both stores (tracking, registry) and the experiment's creation run under a lock next to the file.
+        with _file_lock(db.with_name(db.name + ".lock") if db is not None else None):
+            client = MlflowClient()
+            if client.get_experiment_by_name(EXPERIMENT) is None:
+                artifacts = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+                with suppress(MlflowException):  # created concurrently by another run
+                    client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+            client.search_registered_models(max_results=1)  # the registry store's tables
+    except (MlflowException, SQLAlchemyError) as exc:
         raise TrackingError(f"MLflow tracking store {uri}: {exc}") from exc
     return uri
+
+
+@contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the duration (none when ``path`` is ``None`` or cannot be opened)."""
+    try:
+        f = open(path, "a") if path is not None else None  # noqa: SIM115 - closed below
+    except OSError:  # a read-only folder: nobody initialises a store there, reading needs no lock
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from mapex_core.apps import VARIANTS, Application, check_compatible
 from mapex_core.data.dataset import ChipStore, collate
-from mapex_core.io import atomic_write_json
+from mapex_core.io import atomic_write_json, check_output_file, json_with_keys
 from mapex_core.metrics import summarize
 from mapex_core.model import MapexModel, load_model
 from mapex_core.model.heads import TaskModel, load_task_model, save_task_model
@@ -44,6 +44,17 @@ from mapex_core.training.finetune import (
     task_model,
     train_task,
 )
+
+REPORT_KEYS = ("app", "metric", "test_chips", *VARIANTS)  # how an existing evaluation report is recognised
+
+
+def check_report_path(out: str | Path, force: bool = False) -> None:
+    """Whether the evaluation report may be written to ``out`` (absent, or an evaluation report).
+
+    Raises:
+        OutputConflict: ``out`` is a folder, or another file (unless ``force``).
+    """
+    check_output_file(out, "an evaluation report written by MAPEX", lambda p: json_with_keys(p, REPORT_KEYS), force)
 
 
 def bootstrap_groups(store: ChipStore) -> np.ndarray:
@@ -140,7 +151,7 @@ def run_jobs(jobs: list[Job], fit: Callable[[TaskModel, Job], dict[str, Any] | N
 def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out: str | Path | None = None,
                  device: str = "auto", pretrained: str | Path | None = None,
                  on_step: Callable[[int, int, dict[str, Any]], None] | None = None,
-                 concurrency: Callable[[], int] | None = None) -> dict[str, Any]:
+                 concurrency: Callable[[], int] | None = None, force: bool = False) -> dict[str, Any]:
     """Compare pruned, unpruned and from-scratch models of ``app`` on the test split.
 
     Args:
@@ -151,11 +162,17 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
         concurrency: how many of its fine-tuning runs may train at once now (asked as runs finish;
             default: the cores it may use now, :func:`mapex_core.progress.available_cores`, over this
             process's intra-op threads; one on CUDA). The results do not depend on it.
+        force: replace a file at ``out`` that is not an evaluation report.
 
     Returns:
-        The report (also written to ``out``): ``metric`` and, per variant, ``value``, ``ci95``,
-        ``params``, ``checkpoint_bytes``, ``latency_ms``.
+        The report (also written to ``out``, atomically): ``metric`` and, per variant, ``value``,
+        ``ci95``, ``params``, ``checkpoint_bytes``, ``latency_ms``.
+
+    Raises:
+        OutputConflict: ``out`` is a folder or another file (checked before any work).
     """
+    if out is not None:
+        check_report_path(out, force)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     pruned_model = load_task_model(finetuned, device=dev)
@@ -237,5 +254,6 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
         report[variant] = _variant_report(shown, app, outputs, targets, test, dev, hists)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
+        check_report_path(out, force)  # again: something may have appeared meanwhile
         atomic_write_json(out, report)
     return report

@@ -22,10 +22,11 @@ import torch
 
 from mapex_core.apps import Application, FinetuneParams, check_compatible
 from mapex_core.data.dataset import ChipStore, collate
-from mapex_core.io import atomic_write_json
+from mapex_core.io import atomic_write_json, check_output, replace_folder, staged_folder
 from mapex_core.metrics import summarize
 from mapex_core.model import MapexModel, load_model
 from mapex_core.model.heads import TaskModel, save_task_model, strip_decoder
+from mapex_core.model.serialization import model_folder_problem
 from mapex_core.runtime import resolve_device
 
 StepCallback = Callable[[int, int, dict[str, Any]], None]  # (step, total steps, info)
@@ -175,16 +176,26 @@ def task_model(encoder: MapexModel, app: Application, class_names: list[str], in
 
 
 def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: str | Path,
-                 device: str = "auto", seed: int | None = None, on_step: StepCallback | None = None) -> dict[str, Any]:
+                 device: str = "auto", seed: int | None = None, on_step: StepCallback | None = None,
+                 force: bool = False) -> dict[str, Any]:
     """Fine-tune the (pruned) model in ``checkpoint`` for ``app``; writes a task model to ``out``.
+
+    The folder ``out`` is written whole (built aside, swapped into place): ``config.json``,
+    ``task.json``, ``model.safetensors`` and ``finetune.json``.
 
     Args:
         seed: default: the application's first seed.
         on_step: progress callback ``(step, total, info)``.
+        force: replace ``out`` even when it holds something that is not a MAPEX model folder.
 
     Returns:
         The training summary, also written to ``out/finetune.json``.
+
+    Raises:
+        OutputConflict: ``out`` holds other files (checked before any work), unless ``force``.
     """
+    out = Path(out)
+    check_output(out, model_folder_problem, force)
     dev = resolve_device(device)
     encoder = load_model(checkpoint, device=dev)
     check_compatible(app, encoder.config.modalities)
@@ -205,10 +216,12 @@ def finetune_app(app: Application, checkpoint: str | Path, chips: str | Path, ou
     t0 = time.perf_counter()
     history = train_task(model, train, val, app.metric, app.finetune, seed, dev,
                          balance_weight=0.0 if pruned else encoder.config.balance_loss_weight, on_step=on_step)
-    out = Path(out)
-    save_task_model(model, out)
     summary = {"app": app.name, "metric": app.metric, "seed": seed, "parameters": model.num_parameters(),
                "history": history}
-    atomic_write_json(out / "finetune.json", summary)  # no timings in the file: re-running gives the same bytes
+    check_output(out, model_folder_problem, force)  # again: something may have appeared while training
+    with staged_folder(out) as tmp:
+        save_task_model(model, tmp)
+        atomic_write_json(tmp / "finetune.json", summary)  # no timings in the file: re-running gives the same bytes
+        replace_folder(tmp, out)
     return summary | {"seconds": round(time.perf_counter() - t0, 2)}
 

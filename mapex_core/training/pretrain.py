@@ -2,7 +2,9 @@
 
 Outputs in ``out``: ``config.json`` + ``model.safetensors`` (final weights), ``metrics.json``
 (loss curve, throughput, specialisation), ``loss.csv`` (the loss curve, for ``dvc plots``),
-``routing_stats.json`` and ``checkpoints/``.
+``routing_stats.json`` and ``checkpoints/``. The five final files are written aside and moved in
+with ``config.json`` removed first and moved in last (:func:`mapex_core.io.merge_folder`): a folder
+with a ``config.json`` holds one run's five files, never a mix (``checkpoints/`` has its own scheme).
 Re-running with ``resume=True`` continues from the newest checkpoint and reproduces the
 uninterrupted run: the batch order depends only on ``(seed, epoch)`` and every RNG is restored.
 
@@ -38,8 +40,17 @@ from torch.utils.data import DataLoader
 from mapex_core.data.dataset import ChipStore, ConcatStores, collate
 from mapex_core.data.sampling import PresenceBatchSampler
 from mapex_core.data.statistics import pooled_normalization
-from mapex_core.io import atomic_write_json, atomic_write_text
+from mapex_core.io import (
+    OutputConflict,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    folder_problem,
+    merge_folder,
+    staged_folder,
+)
 from mapex_core.model import MapexConfig, MapexModel, collect_routing_stats, save_model
+from mapex_core.model.serialization import CONFIG_NAME
 from mapex_core.training.checkpoint import (
     checkpoint_matches,
     latest_checkpoint,
@@ -75,6 +86,28 @@ class PretrainParams:
     splits: tuple[str, ...] = ("train",)
     num_workers: int = 0
     stats_batches: int = 50
+
+# what pre-training writes in its folder (.gitignore: DVC's, for the tracked files)
+PRETRAIN_FILES = (CONFIG_NAME, "model.safetensors", "metrics.json", "loss.csv", "routing_stats.json",
+                  "checkpoints", ".gitignore")
+
+
+def check_out_folder(out: str | Path, force: bool = False) -> None:
+    """Whether pre-training may write into ``out``: absent, empty, or holding only its own files
+    (any folder with ``force``: its other files are kept).
+
+    Raises:
+        OutputConflict: ``out`` is a file, or holds other files and ``force`` is not given.
+    """
+    def problem(path: Path) -> str | None:
+        debug = {p.name for p in path.glob("rank*.sha256")}
+        return folder_problem(path, "a pre-training folder", {*PRETRAIN_FILES, *debug})
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputConflict(f"{out}: is a file, not a folder; pre-training writes a folder (with its checkpoints)")
+    check_output(out, problem, force, hint="pass --force to write into it (its other files are kept)")
+
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``min_ratio``."""
@@ -153,6 +186,7 @@ def pretrain(
     resume: bool | None = False,
     overwrite: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Pre-train a MAPEX model with the multi-modal MAE objective.
 
@@ -175,6 +209,8 @@ def pretrain(
             never throws away training.
         on_step: progress callback ``(step, total, logs)``; ``logs["loss"]`` is the latest
             logged (``log_every``) mean loss, so the callback adds no host sync.
+        force: write into an ``out`` that holds other files (they are kept); without it that is
+            an error before any training.
 
     The model takes the configured modalities that the chip stores hold: a modality no store has
     is left out of the model (``metrics["modalities_dropped"]`` says which), not an error.
@@ -182,9 +218,10 @@ def pretrain(
     Returns:
         The metrics dict also written to ``out/metrics.json`` (on every rank).
     """
+    check_out_folder(out, force)
     ddp, dev = init_distributed(device)
     try:
-        return _pretrain(chips, Path(out), config, params, ddp, dev, resume, overwrite, on_step)
+        return _pretrain(chips, Path(out), config, params, ddp, dev, resume, overwrite, on_step, force)
     finally:
         if ddp.owns_group:
             dist.destroy_process_group()
@@ -200,6 +237,7 @@ def _pretrain(
     resume: bool | None,
     overwrite: bool,
     on_step: Callable[[int, int, dict[str, float]], None] | None,
+    force: bool,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
@@ -353,36 +391,49 @@ def _pretrain(
         atomic_write_text(out / f"rank{ddp.rank}.sha256", state_hash(model) + "\n")
     metrics: dict[str, Any] = {}
     if ddp.is_main:
-        save_model(model, out)
-        routing = routing_summary(model, store, dev, params.batch_size, params.stats_batches)
-        metrics = {
-            "steps": history["steps"],
-            "loss": history["loss"],
-            "recon_loss": history["recon_loss"],
-            "aux_loss": history["aux_loss"],
-            "lr": history["lr"],
-            "final_loss": history["loss"][-1] if history["loss"] else None,
-            "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
-            "samples_per_s": samples_seen / train_time if train_time else 0.0,
-            "samples_seen": samples_seen,
-            "train_seconds": train_time,
-            "device": str(dev),
-            "world_size": ddp.world,
-            "num_chips": len(store),
-            "parameters": model.num_parameters(),
-            "specialisation": routing["specialisation"],
-            "specialisation_per_layer": routing["specialisation_per_layer"],
-        }
-        if dropped:
-            metrics["modalities_dropped"] = dropped
-        atomic_write_json(out / "metrics.json", metrics)
-        atomic_write_json(out / "routing_stats.json", routing)
-        _write_loss_csv(out / "loss.csv", history)
+        with staged_folder(out) as final:
+            metrics = _write_final_outputs(final, model, store, dev, params, history, tokens_seen, samples_seen,
+                                           train_time, ddp.world, dropped)
+            check_out_folder(out, force)  # again: something may have appeared while training
+            merge_folder(final, out, marker=CONFIG_NAME)
     if ddp.enabled:  # the other ranks wait here for rank 0's files, and get its metrics
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]
     return metrics
+
+
+def _write_final_outputs(final: Path, model: MapexModel, store: ConcatStores, dev: torch.device,
+                         params: PretrainParams, history: dict[str, list[float]], tokens_seen: int,
+                         samples_seen: int, train_time: float, world: int, dropped: list[str]) -> dict[str, Any]:
+    """Write the five final files of a run into the (staging) folder ``final``; returns the metrics."""
+    save_model(model, final)
+    routing = routing_summary(model, store, dev, params.batch_size, params.stats_batches)
+    metrics = {
+        "steps": history["steps"],
+        "loss": history["loss"],
+        "recon_loss": history["recon_loss"],
+        "aux_loss": history["aux_loss"],
+        "lr": history["lr"],
+        "final_loss": history["loss"][-1] if history["loss"] else None,
+        "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
+        "samples_per_s": samples_seen / train_time if train_time else 0.0,
+        "samples_seen": samples_seen,
+        "train_seconds": train_time,
+        "device": str(dev),
+        "world_size": world,
+        "num_chips": len(store),
+        "parameters": model.num_parameters(),
+        "specialisation": routing["specialisation"],
+        "specialisation_per_layer": routing["specialisation_per_layer"],
+    }
+    if dropped:
+        metrics["modalities_dropped"] = dropped
+    atomic_write_json(final / "metrics.json", metrics)
+    atomic_write_json(final / "routing_stats.json", routing)
+    _write_loss_csv(final / "loss.csv", history)
+    return metrics
+
 
 def _write_loss_csv(path: Path, history: dict[str, list[float]]) -> None:
     """The logged loss curve as ``step,loss,recon_loss,aux_loss,lr`` rows (a ``dvc plots`` source)."""

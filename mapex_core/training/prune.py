@@ -11,8 +11,9 @@ import torch
 from mapex_core.apps import Application, check_compatible
 from mapex_core.data.dataset import ChipStore, collate
 from mapex_core.data.sampling import PresenceBatchSampler
-from mapex_core.io import atomic_write_json
+from mapex_core.io import atomic_write_json, check_output, replace_folder, staged_folder
 from mapex_core.model import load_model, save_model
+from mapex_core.model.serialization import model_folder_problem
 from mapex_core.pruning import (
     calibrate,
     max_encoder_deviation,
@@ -37,13 +38,21 @@ def calibration_batches(app: Application, chips: str | Path, normalization: dict
 
 
 def prune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: str | Path,
-              device: str = "auto") -> dict[str, Any]:
+              device: str = "auto", force: bool = False) -> dict[str, Any]:
     """Prune the pre-trained model in ``checkpoint`` for ``app``.
 
-    Writes ``out/config.json``, ``out/model.safetensors`` (a standalone ``MapexModel``) and
-    ``out/prune_report.json``; returns the report.
+    Writes the folder ``out`` whole (built aside, swapped into place): ``config.json``,
+    ``model.safetensors`` (a standalone ``MapexModel``) and ``prune_report.json``; returns the report.
+
+    Args:
+        force: replace ``out`` even when it holds something that is not a MAPEX model folder.
+
+    Raises:
+        OutputConflict: ``out`` holds other files (checked before any work), unless ``force``.
     """
     t0 = time.perf_counter()
+    out = Path(out)
+    check_output(out, model_folder_problem, force)
     dev = resolve_device(device)
     full = load_model(checkpoint, device=dev)
     check_compatible(app, full.config.modalities)
@@ -57,7 +66,9 @@ def prune_app(app: Application, checkpoint: str | Path, chips: str | Path, out: 
         deviation = max_encoder_deviation(full, pruned, batches, app.modalities)
     report = prune_report(full, pruned, stats, app.modalities, kept, deviation, p)
     report.update(app=app.name, calibration_chips=sum(len(b["index"]) for b in batches))
-    out = Path(out)
-    save_model(pruned, out)
-    atomic_write_json(out / "prune_report.json", report)  # no timings in the file: re-running gives the same bytes
+    check_output(out, model_folder_problem, force)  # again: something may have appeared meanwhile
+    with staged_folder(out) as tmp:
+        save_model(pruned, tmp)
+        atomic_write_json(tmp / "prune_report.json", report)  # no timings in the file: re-running gives the same bytes
+        replace_folder(tmp, out)
     return report | {"seconds": round(time.perf_counter() - t0, 2)}
