@@ -8,6 +8,15 @@ predictions are averaged with those weights, so seams do not show.
 Outside the overlaps a pixel sees exactly one window: there the output equals the chip-wise
 prediction. One row of windows is held at a time and written as soon as no later window touches
 it, so memory grows with the scene's width, not its height (and not its size overall).
+
+The map is nodata wherever an input was: a pixel where any band of any modality is nodata (the
+sensor's nodata value, NaN, or outside a warped input's footprint) gets :data:`LABEL_NODATA` in a
+label map and NaN in every band of a probability map (the model still sees such pixels as the band
+mean, as before: masking them changes no other pixel's prediction). Label maps carry a colour table (nodata
+transparent) and the class names in the band metadata (``CLASS_<id>=<name>``); probability maps
+name each band's class (description, ``CLASS_ID``/``CLASS_NAME``). Overviews are built with
+``mode`` resampling for labels (the most frequent class id of the pixels below; never a value that
+is not a class id or nodata) and ``average`` for probabilities, both skipping nodata.
 """
 
 from __future__ import annotations
@@ -32,6 +41,29 @@ from mapex_core.io import atomic_write, check_output_file, staged_folder
 from mapex_core.modalities import MODALITIES
 
 TAG = {"MAPEX_PRODUCT": "mapex predict"}  # a GeoTIFF tag that marks the maps this module writes
+LABEL_NODATA = 255  # nodata of a label map (uint8): class ids are 0 .. 254
+OVERVIEW_RESAMPLING = {"labels": "MODE", "probabilities": "AVERAGE"}  # GDAL's COG RESAMPLING option
+# colours of class ids 0..19 (matplotlib's tab20, strong shades first); further ids: golden-angle hues
+_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+            (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+            (219, 219, 141), (158, 218, 229))
+
+
+def class_colors(n: int) -> dict[int, tuple[int, int, int, int]]:
+    """The colour table of a label map with ``n`` classes: RGBA per class id, nodata transparent."""
+    import colorsys
+
+    table = {}
+    for i in range(n):
+        if i < len(_PALETTE):
+            rgb = _PALETTE[i]
+        else:
+            r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.9)
+            rgb = (round(r * 255), round(g * 255), round(b * 255))
+        table[i] = (*rgb, 255)
+    table[LABEL_NODATA] = (0, 0, 0, 0)
+    return table
 
 
 def is_prediction(path: str | Path) -> bool:
@@ -105,17 +137,20 @@ def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, ba
         out: output GeoTIFF (Cloud Optimized, tagged ``MAPEX_PRODUCT=mapex predict``); written
             atomically. An existing file there is replaced only when it is such a map.
         overlap: pixels shared by neighbouring windows (blended).
-        output: ``labels`` (one band of class ids, uint8; argmax of the blended probabilities) or
-            ``probabilities`` (one float32 band per class).
+        output: ``labels`` (one band of class ids, uint8; argmax of the blended probabilities;
+            nodata :data:`LABEL_NODATA`) or ``probabilities`` (one float32 band per class; nodata
+            NaN). Nodata wherever an input pixel is nodata.
         progress: callback ``(windows done, windows total)``.
         force: replace any file at ``out``.
 
     Returns:
-        Summary: size, windows, classes, output path.
+        Summary: size, windows, classes, output path, ``nodata`` (the value) and ``nodata_pixels``.
 
     Raises:
         OutputConflict: ``out`` is a folder, or a file of another kind without ``force`` (checked
             before any reading).
+        ValueError: a bad ``output`` or ``overlap``, more than 255 classes for a label map, or
+            unusable inputs (named).
     """
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
@@ -131,6 +166,9 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     chip = contract.chip_size
     if not 0 <= overlap < chip // 2:
         raise ValueError(f"overlap must be in [0, {chip // 2}) for {chip} px chips, got {overlap}")
+    if output == "labels" and len(contract.classes) > LABEL_NODATA:
+        raise ValueError(f"a label map holds class ids 0 .. {LABEL_NODATA - 1} ({LABEL_NODATA} is nodata); this model "
+                         f"has {len(contract.classes)} classes: use --output probabilities")
     srcs, ref = _open_inputs(inputs, contract)
     readers: dict[str, Any] = {}
     try:
@@ -186,28 +224,34 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
     weights = blend_weights(chip, overlap)
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
+    labels = output == "labels"
     profile = {"driver": "GTiff", "height": height, "width": width, "crs": ref.crs, "transform": ref.transform,
-               "count": 1 if output == "labels" else n_classes, "dtype": "uint8" if output == "labels" else "float32",
+               "count": 1 if labels else n_classes, "dtype": "uint8" if labels else "float32",
+               "nodata": LABEL_NODATA if labels else np.nan,
                "tiled": True, "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER"}
-    total, done = len(rows) * len(cols), 0
+    total, done, nodata_pixels = len(rows) * len(cols), 0, 0
     with staged_folder(out) as tmp:  # a hidden sibling, deleted on success and on error
         tmp_tif = tmp / "scene.tif"
         with _temporary_geotiff(tmp_tif, profile) as dst:
             dst.update_tags(**TAG)
+            _describe_bands(dst, contract.classes, labels)
             # the rows [acc_top, acc_top + chip) of the output, still receiving window predictions
             acc = np.zeros((n_classes, chip, width), np.float32)
             wsum = np.zeros((chip, width), np.float32)
+            valid = np.ones((chip, width), bool)  # the same rows: no input is nodata there
             acc_top = 0
             for r in rows:
                 shift = r - acc_top  # rows above r see no later window: final, write them and slide
                 if shift > 0:
-                    _write_rows(dst, acc[:, :shift], wsum[:shift], acc_top, output)
+                    nodata_pixels += _write_rows(dst, acc[:, :shift], wsum[:shift], valid[:shift], acc_top, output)
                     acc[:, :chip - shift] = acc[:, shift:].copy()  # slide in place, no new buffers
                     acc[:, chip - shift:] = 0.0
                     wsum[:chip - shift] = wsum[shift:].copy()
                     wsum[chip - shift:] = 0.0
                     acc_top = r
-                strip = _read_strip(contract, readers, r, chip, width)  # modality -> (C, chip, W), normalised
+                # modality -> (C, chip, W), normalised; where no input is nodata: (chip, W)
+                strip, strip_valid = _read_strip(contract, readers, r, chip, width)
+                valid[:] = strip_valid  # the strip's rows [r, r + chip) are the buffer's (acc_top == r)
                 for start in range(0, len(cols), batch_size):
                     batch_cols = cols[start:start + batch_size]
                     probs = _predict_windows(model, contract, strip, batch_cols, chip)  # (n, K, chip, chip)
@@ -221,35 +265,58 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
                     done += len(batch_cols)
                     if progress is not None:
                         progress(done, total)
-            _write_rows(dst, acc[:, :height - acc_top], wsum[:height - acc_top], acc_top, output)
+            rest = height - acc_top
+            nodata_pixels += _write_rows(dst, acc[:, :rest], wsum[:rest], valid[:rest], acc_top, output)
         check_out_file(out, force)  # again: something may have appeared meanwhile
-        atomic_write(out, lambda cog: rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE"))
+        atomic_write(out, lambda cog: rasterio.shutil.copy(tmp_tif, cog, driver="COG", compress="DEFLATE",
+                                                           resampling=OVERVIEW_RESAMPLING[output]))
     return {"out": str(out), "height": height, "width": width, "crs": str(ref.crs), "windows": total,
-            "overlap": overlap, "output": output, "classes": contract.classes}
+            "overlap": overlap, "output": output, "classes": contract.classes,
+            "nodata": LABEL_NODATA if labels else "nan", "nodata_pixels": nodata_pixels}
 
 
-def _write_rows(dst: Any, acc: np.ndarray, wsum: np.ndarray, top: int, output: str) -> None:
+def _describe_bands(dst: Any, classes: list[str], labels: bool) -> None:
+    """Class names in the band metadata; a label map's colour table."""
+    if labels:
+        dst.set_band_description(1, "class id")
+        dst.update_tags(1, **{f"CLASS_{i}": c for i, c in enumerate(classes)})
+        dst.write_colormap(1, class_colors(len(classes)))
+    else:
+        for i, c in enumerate(classes):
+            dst.set_band_description(i + 1, c)
+            dst.update_tags(i + 1, CLASS_ID=str(i), CLASS_NAME=c)
+
+
+def _write_rows(dst: Any, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray, top: int, output: str) -> int:
+    """Write the final rows ``[top, top + n)`` (``acc``: ``(K, n, W)``); returns their nodata pixel count."""
     if acc.shape[1] == 0:
-        return
-    probs = acc / np.maximum(wsum, 1e-12)[None]
+        return 0
+    probs = acc / np.maximum(wsum, 1e-12)[None]  # (K, n, W)
     window = Window(0, top, acc.shape[2], acc.shape[1])
     if output == "labels":
-        dst.write(probs.argmax(0).astype(np.uint8)[None], window=window)
+        ids = probs.argmax(0).astype(np.uint8)  # (n, W)
+        ids[~valid] = LABEL_NODATA
+        dst.write(ids[None], window=window)
     else:
-        dst.write(probs.astype(np.float32), window=window)
+        probs[:, ~valid] = np.nan
+        dst.write(probs.astype(np.float32, copy=False), window=window)
+    return int(valid.size - np.count_nonzero(valid))
 
 
 def _read_strip(contract: InputContract, readers: dict[str, Any], row: int, chip: int,
-                width: int) -> dict[str, np.ndarray]:
-    """The rows ``[row, row + chip)`` of every modality on the output grid, normalised, NaN -> 0 (one read each)."""
+                width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows ``[row, row + chip)`` of every modality on the output grid, normalised, NaN -> 0 (one read
+    each), and where no band of any modality is nodata there: ``(chip, W)`` bool."""
     arrays = {}
+    valid = np.ones((chip, width), bool)  # windows never pass the scene's last row: row + chip <= height
     for m, da in readers.items():
         a = np.asarray(da[:, row:row + chip, :width].values, dtype=np.float32)  # (C, chip, W), nodata as NaN
         nodata = MODALITIES[m].nodata
         if nodata is not None and not np.isnan(nodata):
             a[a == nodata] = np.nan
+        valid &= ~np.isnan(a).any(0)  # (chip, W)
         arrays[m] = a
-    return {m: np.nan_to_num(a, nan=0.0) for m, a in contract.normalize(arrays).items()}
+    return {m: np.nan_to_num(a, nan=0.0) for m, a in contract.normalize(arrays).items()}, valid
 
 
 def _predict_windows(model: Any, contract: InputContract, strip: dict[str, np.ndarray], cols: list[int],

@@ -19,6 +19,13 @@ Read top to bottom:
    and a dense ``(N, E)`` gate matrix, zero for the experts a token did not choose, combines
    them. It has no data-dependent shapes, so exporters trace it; it costs ``E / k`` times the
    expert FLOPs, which is small for pruned models (few experts). Same result as the others.
+4. **All experts.** A layer left with exactly ``top_k`` experts (pruned down to ``top_k``) has
+   nothing to choose: every token goes to every expert. Its gates are the softmax over all its
+   logits (what the top-k softmax is when ``k = E``); the experts run on all tokens as one batched
+   matmul pair and their outputs are summed with the gates: no top-k selection, no sort, no
+   gather or scatter, no host sync. ``impl="sorted"`` and ``"dense"`` take this path (it has no
+   data-dependent shapes either, so it exports); ``impl="loop"`` keeps its top-k path, the oracle.
+   ``all_experts_when_full = False`` turns it off (benchmarks compare both on the same weights).
 
 Expert weights are stacked: ``w1 (E, D, H)``, ``b1 (E, H)``, ``w2 (E, H, D)``, ``b2 (E, D)``.
 """
@@ -64,6 +71,10 @@ class MoELayer(nn.Module):
             after construction.
         expert_groups: owner modality of each expert (``-1`` = shared); default equal groups.
         bias_init: initial routing bias of a modality towards its own group.
+
+    Attributes:
+        all_experts_when_full: when the layer has exactly ``top_k`` experts, send every token to
+            every expert without top-k selection or dispatch (see the module docstring, 4.).
     """
 
     def __init__(
@@ -90,6 +101,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k, self.num_modalities = num_experts, top_k, num_modalities
         self.routing = routing
         self.impl = impl
+        self.all_experts_when_full = True
 
         self.router = nn.Parameter(torch.empty(dim, num_experts))  # W_r
         self.modality_bias = nn.Parameter(torch.empty(num_modalities, num_experts))  # B
@@ -122,6 +134,13 @@ class MoELayer(nn.Module):
         )
 
     # ----- routing ------------------------------------------------------------------------
+    def logits(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        """Router logits ``(N, E)`` (fp32) of tokens ``x (N, D)`` with modalities ``(N,)``."""
+        logits = (x @ self.router.to(x.dtype)).float()  # (N, E)
+        if self.routing == "modality":
+            logits = logits + self.modality_bias.float()[modality_ids]  # (N, E)
+        return logits
+
     def route(self, x: Tensor, modality_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router probabilities and the top-k choice.
 
@@ -133,11 +152,13 @@ class MoELayer(nn.Module):
             ``probs (N, E)`` softmax over all experts (fp32, for the balance loss),
             ``top_idx (N, k)`` chosen experts, ``gates (N, k)`` softmax over the chosen logits.
         """
-        logits = (x @ self.router.to(x.dtype)).float()  # (N, E)
-        if self.routing == "modality":
-            logits = logits + self.modality_bias.float()[modality_ids]  # (N, E)
+        logits = self.logits(x, modality_ids)  # (N, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
         return logits.softmax(dim=-1), top_idx, top_logits.softmax(dim=-1)
+
+    def uses_all_experts(self) -> bool:
+        """Whether ``forward`` sends every token to every expert (``E == top_k``; not the loop oracle)."""
+        return self.all_experts_when_full and self.num_experts == self.top_k and self.impl in ("sorted", "dense")
 
     def balance_loss(self, probs: Tensor, top_idx: Tensor, modality_ids: Tensor) -> Tensor:
         """Per-modality load-balancing loss (1.0 when balanced), averaged over present modalities."""
@@ -222,6 +243,14 @@ class MoELayer(nn.Module):
         out = out * dense_gates.t().unsqueeze(-1).to(x.dtype)  # (E, N, D) * (E, N, 1)
         return out.sum(dim=0)  # (N, D)
 
+    def _combine_all(self, x: Tensor, gates: Tensor) -> Tensor:
+        """Every expert on every token (``E == top_k``), outputs summed with the gates ``(N, E)``."""
+        xs = x.expand(self.num_experts, -1, -1)  # (E, N, D), a view: every expert sees every token
+        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), xs, self.w1))  # (E, N, D) @ (E, D, H) -> (E, N, H)
+        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (E, N, H) @ (E, H, D) -> (E, N, D)
+        y = (out * gates.t().unsqueeze(-1).to(out.dtype)).sum(dim=0)  # (E, N, D) * (E, N, 1) -> (N, D)
+        return y.to(x.dtype)  # like the other paths under autocast
+
     def forward(self, x: Tensor, modality_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Route and run the experts.
 
@@ -241,13 +270,19 @@ class MoELayer(nn.Module):
         modality_ids = modality_ids.long()
         if x.shape[0] == 0:
             return x.new_zeros(x.shape), x.new_zeros((), dtype=torch.float32)
-        probs, top_idx, gates = self.route(x, modality_ids)
+        if self.uses_all_experts():  # nothing to choose: every token to every expert, gated
+            probs = gates = self.logits(x, modality_ids).softmax(dim=-1)  # (N, E)
+            top_idx = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)  # (N, E), a view
+        else:
+            probs, top_idx, gates = self.route(x, modality_ids)
         # the balance loss only matters for a backward pass: skipped under no_grad / inference_mode
         aux = (self.balance_loss(probs, top_idx, modality_ids) if torch.is_grad_enabled()
                else x.new_zeros((), dtype=torch.float32))
         for hook in self._routing_hooks.values():
             hook(self, top_idx.detach(), gates.detach(), modality_ids)
-        if self.impl == "sorted":
+        if self.uses_all_experts():
+            y = self._combine_all(x, gates)
+        elif self.impl == "sorted":
             y = self._dispatch_sorted(x, top_idx, gates)
         elif self.impl == "loop":
             y = self._dispatch_loop(x, top_idx, gates)
