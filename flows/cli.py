@@ -1,5 +1,5 @@
-"""The orchestration commands of ``mapex``: ``retrain`` and ``deploy`` (they need Prefect, which
-``mapex_core`` never imports). ``pyproject.toml`` declares them under the ``mapex.commands`` entry
+"""The orchestration commands of ``mapex``: ``retrain``, ``deploy``, ``cluster`` and ``worker`` (they need
+Prefect, which ``mapex_core`` never imports). ``pyproject.toml`` declares them under the ``mapex.commands`` entry
 points, so :func:`mapex_core.cli.main` adds them to the one ``mapex`` program."""
 
 from __future__ import annotations
@@ -156,7 +156,51 @@ def deploy(
         if type(exc).__module__.split(".")[0] not in ("httpx", "httpcore", "prefect"):
             raise
         fail(f"Prefect server {api} did not accept the deployments: {type(exc).__name__}: {exc}")
-    typer.echo("Start workers: `prefect worker start --pool cpu` (and `--pool gpu` on the GPU machine).", err=True)
+    typer.echo("Start workers: `mapex worker --pool cpu` (and `--pool gpu` on the GPU machine).", err=True)
+
+
+def cluster(
+    action: str = typer.Argument(..., help="up, down or status."),
+    clean: bool = typer.Option(False, "--clean", help="With down: also remove the data (databases, objects)."),
+    cluster_dir: Path = typer.Option(Path(".cluster"), "--dir", help="Folder of the cluster's data, logs and env."),
+) -> None:
+    """Start, stop or show the team's servers on this host: PostgreSQL, S3 (SeaweedFS), MLflow, Prefect.
+
+    `up` starts what is not running (bound to 127.0.0.1) and writes DIR/env, the `export` lines a
+    worker sources (`source .cluster/env && mapex worker --pool cpu`); `down` stops everything and
+    keeps the data (--clean removes it). Ports: MAPEX_PG_PORT, MAPEX_S3_PORT, MAPEX_MLFLOW_PORT,
+    MAPEX_PREFECT_PORT at the first `up` (0 = any free port).
+    """
+    from flows import cluster as servers
+
+    if action == "up":
+        out = servers.up(cluster_dir, log=lambda m: typer.echo(m, err=True))
+        print_json(out)
+        said = f"cluster up in {out['seconds']} s" if out["started"] else "cluster already running"
+        typer.echo(f"{said}; workers: `source {out['env']} && mapex worker --pool cpu` (or --pool gpu)", err=True)
+    elif action == "down":
+        print_json(servers.down(cluster_dir, clean=clean))
+    elif action == "status":
+        print_json(servers.status(cluster_dir))
+    else:
+        fail(f"unknown action {action!r}: expected up, down or status")
+
+
+def worker(
+    pool: str = typer.Option(..., "--pool", help="Work pool: cpu, or gpu on a GPU machine."),
+    env_file: Path = typer.Option(Path(".cluster/env"), help="Export lines of the cluster (variables already "
+                                  "set win)."),
+    name: str = typer.Option(None, help="Worker name (default: POOL-HOST-PID)."),
+    limit: int = typer.Option(None, min=1, help="At most this many flow runs at once."),
+) -> None:
+    """Run a Prefect worker of work pool POOL for the cluster of ENV_FILE (creating the pool if absent).
+
+    Run it in a clone of this repository with `make setup` done; the cluster's S3 remote becomes
+    the clone's default DVC remote (.dvc/config.local). Stop it with Ctrl-C or SIGTERM.
+    """
+    from flows import cluster as servers
+
+    servers.run_worker(pool, env_file, name, limit, log=lambda m: typer.echo(m, err=True))
 
 
 def main() -> None:

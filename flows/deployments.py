@@ -1,10 +1,12 @@
-"""Prefect deployments: the scheduled ``retrain`` on work pool ``cpu``, pre-training on work pool ``gpu``.
+"""Prefect deployments: the scheduled ``retrain`` on work pool ``cpu``, pre-training on work pool ``gpu``,
+and one application's chain (``application/app-cpu``) on work pool ``cpu``: a retrain run by a worker
+hands pre-training and each application to them (:mod:`flows.handoff`).
 
 ``mapex deploy`` registers them against the Prefect server in ``PREFECT_API_URL`` (creating the
 two pools, type ``process``, when missing); workers then pick the runs up::
 
-    prefect worker start --pool cpu                  # on any machine with this project installed
-    prefect worker start --pool gpu                  # on the GPU machine
+    mapex worker --pool cpu                          # on any machine with this project installed
+    mapex worker --pool gpu                          # on the GPU machine
 
 The deployments name their flows by module path (``flows.pipeline.retrain``), so any worker with
 the ``mapex`` package installed can run them; ``working_dir`` (a job variable) is the project
@@ -17,16 +19,18 @@ process, without pools or workers (a laptop).
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 CPU_POOL, GPU_POOL = "cpu", "gpu"
-RETRAIN_NAME, PRETRAIN_NAME = "scheduled-retrain", "pretrain-gpu"
+RETRAIN_NAME, PRETRAIN_NAME, APPLICATION_NAME = "scheduled-retrain", "pretrain-gpu", "app-cpu"
 
 
 def build_deployments(params: str = "params.yaml", cron: str | None = None, timezone: str | None = None,
                       project_dir: str | Path | None = None, pools: bool = True) -> list[Any]:
-    """The ``retrain`` (cron-scheduled, pool ``cpu``) and ``pretrain`` (on demand, pool ``gpu``) deployments.
+    """The ``retrain`` (cron-scheduled, pool ``cpu``), ``pretrain`` (on demand, pool ``gpu``) and
+    ``application`` (one application's chain, run by the retrain, pool ``cpu``) deployments.
 
     Args:
         params: params file (its ``pipeline.schedule`` / ``pipeline.timezone`` are the defaults).
@@ -37,6 +41,7 @@ def build_deployments(params: str = "params.yaml", cron: str | None = None, time
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    from flows.handoff import application_flow
     from flows.pipeline import pretrain_flow, retrain
     from mapex_core.project import load_pipeline
 
@@ -51,10 +56,15 @@ def build_deployments(params: str = "params.yaml", cron: str | None = None, time
                           description=f"Weekly MAPEX retrain of {', '.join(pipe.apps)} (cron {cron!r}).")
     pretrain_kwargs = dict(common, name=PRETRAIN_NAME, parameters={"params": params},
                            description="MAPEX pre-training on the pipeline's chip stores (GPU worker).")
+    app_kwargs = dict(common, name=APPLICATION_NAME, parameters={"params": params},
+                      description="One MAPEX application: prune -> finetune -> evaluate -> register + gate "
+                                  "(started by the retrain, CPU workers).")
     if pools:
         retrain_kwargs |= {"work_pool_name": CPU_POOL, "job_variables": {"working_dir": workdir}}
         pretrain_kwargs |= {"work_pool_name": GPU_POOL, "job_variables": {"working_dir": workdir}}
-    return [retrain.to_deployment(**retrain_kwargs), pretrain_flow.to_deployment(**pretrain_kwargs)]
+        app_kwargs |= {"work_pool_name": CPU_POOL, "job_variables": {"working_dir": workdir}}
+    return [retrain.to_deployment(**retrain_kwargs), pretrain_flow.to_deployment(**pretrain_kwargs),
+            application_flow.to_deployment(**app_kwargs)]
 
 
 def _check_cron(cron: str, timezone: str | None = None) -> None:
@@ -68,18 +78,19 @@ def _check_cron(cron: str, timezone: str | None = None) -> None:
                          "(e.g. cron '0 3 * * 1' = Mondays 03:00, timezone 'UTC')") from exc
 
 
-def ensure_pools() -> None:
-    """Create work pools ``cpu`` and ``gpu`` (type ``process``) on the server when missing."""
+def ensure_pools(pools: tuple[str, ...] = (CPU_POOL, GPU_POOL)) -> None:
+    """Create work pools ``pools`` (default ``cpu`` and ``gpu``; type ``process``) on the server when missing."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        for pool in (CPU_POOL, GPU_POOL):
+        for pool in pools:
             try:
                 client.read_work_pool(pool)
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                with suppress(ObjectAlreadyExists):  # created at the same moment by another worker
+                    client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
 def deploy(params: str = "params.yaml", cron: str | None = None, timezone: str | None = None,

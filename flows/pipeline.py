@@ -169,7 +169,8 @@ def dashboard_task(params: str = PARAMS) -> dict[str, Any]:
 @task(name="application", task_run_name="application-{app}", cache_policy=None)
 def app_chain(app: str, pretrain_run: dict[str, Any], params: str = PARAMS,
               threads: int | None = None) -> dict[str, Any]:
-    """prune -> finetune -> evaluate -> register + gate for one application; its summary row."""
+    """prune -> finetune -> evaluate -> register + gate for one application; its summary row (under
+    ``prune.target: smallest_within_tolerance`` the prune stage is the accuracy-size sweep)."""
     prune = run_stage(f"prune@{app}", threads)
     run_stage(f"finetune@{app}", threads)
     metrics = run_stage(f"evaluate@{app}", threads)
@@ -226,6 +227,9 @@ def restored_environ(keys: tuple[str, ...] = DASK_ENV) -> Iterator[None]:
                 os.environ[k] = v
 
 
+INGEST_DASK_ENV = "MAPEX_INGEST_DASK"  # `mapex ingest --dask` read from the environment by the stage commands
+
+
 def dask_runner(address: str = "local", n_workers: int = 2) -> Any:
     """A Dask task runner: a local cluster of ``n_workers`` processes for ``local``, else the scheduler at ``address``."""
     from prefect_dask import DaskTaskRunner
@@ -234,6 +238,22 @@ def dask_runner(address: str = "local", n_workers: int = 2) -> Any:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
+
+
+@contextmanager
+def dask_scheduler(address: str = "local", n_workers: int = 2) -> Iterator[str]:
+    """The address of a Dask scheduler: of a local cluster of ``n_workers`` single-threaded processes
+    started for the block (``local``), else ``address`` itself."""
+    if address != "local":
+        yield address
+        return
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster:
+        yield cluster.scheduler_address
 
 
 def _gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, BaseException]]:
@@ -260,9 +280,14 @@ def ingest_flow(datasets: list[str] | None = None, params: str = PARAMS) -> dict
 
 def ingest_with_dask(datasets: list[str] | None = None, params: str = PARAMS, address: str = "local",
                      n_workers: int = 2) -> dict[str, Any]:
-    """Run :func:`ingest_flow` on Dask: a local cluster by default, or the scheduler at ``address``."""
-    with restored_environ():
-        return ingest_flow.with_options(task_runner=dask_runner(address, n_workers))(datasets=datasets, params=params)
+    """Run :func:`ingest_flow` with each dataset's *scenes* spread over Dask workers (a local cluster
+    by default, or the scheduler at ``address``): the stage commands (``mapex ingest``, as in
+    ``dvc.yaml``) find the scheduler in ``MAPEX_INGEST_DASK`` and write the same stores as without."""
+    import os
+
+    with restored_environ(DASK_ENV + (INGEST_DASK_ENV,)), dask_scheduler(address, n_workers) as scheduler:
+        os.environ[INGEST_DASK_ENV] = scheduler
+        return ingest_flow(datasets=datasets, params=params)
 
 
 @flow(name="pretrain")
@@ -343,10 +368,14 @@ def _retrain(names: list[str], params: str, fetch_samples: bool, ingest_on_dask:
         ingest_with_dask(params=params, address=ingest_on_dask)
     else:
         ingest_flow(params=params)
-    run_stage("pretrain")
-    pretrain_run = track_pretrain_task(params)
-    threads = stage_threads(min(WORKERS, len(names)))
-    done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
+    from flows import handoff
+
+    pretrain_run, pools = handoff.pretrain_stage(params)
+    if pools:  # each application's chain as its own flow run on pool cpu: several workers take them at once
+        done, failed = _gather({a: handoff.app_on_pool.submit(a, pretrain_run, params) for a in names})
+    else:
+        threads = stage_threads(min(WORKERS, len(names)))
+        done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
     rows = [done[a] for a in names if a in done]
     try:
         with on_board("dashboard"):
@@ -368,7 +397,9 @@ def summary_row(app: str, prune: dict[str, Any], metrics: dict[str, Any], reg: d
             "encoder_reduction": prune["reduction"],
             "pruned": metrics["pruned"]["value"], "unpruned": metrics["unpruned"]["value"],
             "scratch": metrics["scratch"]["value"], "version": reg["version"], "decision": reg["decision"],
-            "champion": reg.get("champion"), "aliases": reg.get("aliases", []), "reasons": reg.get("reasons", [])}
+            "champion": reg.get("champion"), "aliases": reg.get("aliases", []), "reasons": reg.get("reasons", []),
+            "sweep_chosen": prune.get("sweep_chosen"), "sweep_points": prune.get("sweep_points"),
+            "tolerance": prune.get("tolerance")}
 
 
 def summary_markdown(rows: list[dict[str, Any]], pretrain_run: dict[str, Any] | None = None,
@@ -396,4 +427,10 @@ def summary_markdown(rows: list[dict[str, Any]], pretrain_run: dict[str, Any] | 
     for app, exc in (failed or {}).items():
         lines.append(f"| {app} | failed: {str(exc).splitlines()[0][:120]} | | | | | | | | |")
     lines += ["", "Gate reasons:", ""] + [f"- **{r['app']}**: {'; '.join(r['reasons'])}" for r in rows]
+    swept = [r for r in rows if r.get("sweep_chosen")]
+    if swept:  # prune.target smallest_within_tolerance: the registered size came from an accuracy-size sweep
+        lines += ["", "Sizes chosen by a sweep (prune.target: smallest_within_tolerance):", ""] + [
+            f"- **{r['app']}**: point {r['sweep_chosen']['index'] + 1} of {r['sweep_points']}, "
+            f"{r['sweep_chosen']['kept_per_layer']} experts per MoE layer, {r['sweep_chosen']['params']:,} parameters, "
+            f"{r['metric']} {r['sweep_chosen']['value']:.3f} (within {r['tolerance']} of the full group)" for r in swept]
     return "\n".join(lines) + "\n"

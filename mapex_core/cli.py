@@ -87,6 +87,20 @@ def ingest(
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Let a STAC catalog read files "
                                              "outside its own folder (params data.allow_outside_paths, else "
                                              "refused)."),
+    s2_offset: str = typer.Option(None, "--s2-offset", help="Sentinel-2 offset of processing baseline 04.00+: auto "
+                                  "(detect: STAC, metadata, product name, date), none, or DN to remove (1000) "
+                                  "(params data.s2_offset, else auto)."),
+    s1_scale: str = typer.Option(None, "--s1-scale", help="Sentinel-1 values: auto (detect linear power: metadata, "
+                                 "else the values), db, or linear (converted to dB) (params data.s1_scale, else "
+                                 "auto)."),
+    pair_days: float = typer.Option(None, "--pair-days", help="STAC: most days between a Sentinel-2 item and the "
+                                    "Sentinel-1 item paired with it (params data.stac_pair_days, else 7)."),
+    pair_overlap: float = typer.Option(None, "--pair-overlap", help="STAC: least share of the Sentinel-2 footprint "
+                                       "the paired Sentinel-1 footprint covers (params data.stac_pair_overlap, else "
+                                       "0.5)."),
+    split_lists: Path = typer.Option(None, "--split-lists", help="BigEarthNet v1: folder of the official train.csv, "
+                                     "val.csv, test.csv and exclusion lists (default: the source folder or its "
+                                     "splits/ folder; none: hashed tile split)."),
     labels: Path = typer.Option(None, help="Vector labels (GeoPackage, GeoJSON...) for the scenes layout."),
     label_attribute: str = typer.Option(None, help="Class column of the vector labels."),
     classes: str = typer.Option(None, help="Comma-separated class names in id order (masks; vectors default to "
@@ -94,6 +108,13 @@ def ingest(
     reports: Path = typer.Option(Path("reports"), help="Root folder of the validation reports."),
     params: Path = typer.Option(None, help="params.yaml whose 'data' and 'validation' sections give the defaults "
                                 "(default: ./params.yaml when it exists)."),
+    append: bool = typer.Option(False, "--append", help="Add only the scenes not yet in the store (known by name "
+                                "and content hash); its chips stay as they are. Nothing new: the store is not "
+                                "touched. Other settings, a changed scene or an older store: rebuilt (the "
+                                "summary says why)."),
+    dask: str = typer.Option(None, "--dask", envvar="MAPEX_INGEST_DASK", help="Spread the scenes over Dask workers: "
+                             "local (one per core), local:N, or a scheduler tcp://HOST:PORT whose workers see the "
+                             "same files; the store is the same as without."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     force: bool = FORCE,
 ) -> None:
@@ -111,8 +132,23 @@ def ingest(
                                 classes=[c.strip() for c in classes.split(",")] if classes else None,
                                 reports=reports, progress=update, chip_size=chip_size, stride=stride, seed=seed,
                                 crs=crs, resolution=resolution, split_block=split_block,
-                                allow_outside_paths=allow_outside_paths or None)
+                                allow_outside_paths=allow_outside_paths or None, s2_offset=s2_offset,
+                                s1_scale=s1_scale, stac_pair_days=pair_days, stac_pair_overlap=pair_overlap,
+                                split_lists=str(split_lists) if split_lists else None, append=append or None,
+                                dask=dask)
     print_json(summary)
+
+
+@app.command("convert-store")
+def convert_store(
+    old: Path = typer.Argument(..., help="A chip store of an earlier format version (Zarr v2, 8-chip chunks)."),
+    new: Path = typer.Argument(..., help="Where the converted store goes (may be OLD itself: built aside, swapped in)."),
+    force: bool = FORCE,
+) -> None:
+    """Rewrite a chip store in the current format (Zarr v3 shards, consolidated metadata); same values."""
+    from mapex_core.data.convert import convert_store as run
+
+    print_json(run(old, new, force=force))
 
 
 @app.command()
@@ -218,17 +254,80 @@ def prune(
     out: Path = typer.Option(None, help="Output folder (default: outputs/apps/APP/pruned)."),
     params: Path = PARAMS_OPT,
     device: str = DEVICE,
+    task_model: Path = typer.Option(None, "--task-model", help="Fine-tuned task model folder of the app (e.g. "
+                                    "outputs/apps/APP/finetuned): with prune.strategy 'task', score each expert by "
+                                    "the change of this model's class probabilities when it is masked."),
+    quiet: bool = typer.Option(False, help="No progress bar (a prune.target sweep fine-tunes one model per size)."),
     force: bool = FORCE,
 ) -> None:
     """Keep only the experts the app's modalities use; write a standalone pruned model and a report.
+
+    Experts kept per MoE layer: the rule of the app's prune.strategy, or prune.keep_per_layer.
+
+    With prune.target smallest_within_tolerance: the smallest size of a sweep (`mapex sweep`) within the app's
+    gate.tolerance of the full group's metric; one line per point on standard error, the sweep in prune_report.json.
 
     Without --checkpoint/--chips/--out this is the pipeline stage prune@APP (dvc.yaml, flows).
     """
     from mapex_core import stages
 
-    report = stages.prune(app_name, params, checkpoint=checkpoint, chips=chips, out=out, device=device, force=force)
-    print_json({k: report[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts",
-                                       "coverage", "max_output_deviation", "seconds", "out")})
+    with progress(f"prune {app_name}", quiet) as update:
+        report = stages.prune(app_name, params, checkpoint=checkpoint, chips=chips, out=out, device=device,
+                              force=force, task_model=task_model,
+                              on_step=lambda s, total, info: update(s, total, _step_info(info)),
+                              on_point=lambda done, total, point: typer.echo(_point_line(app_name, done, total, point),
+                                                                             err=True))
+    keys = ("app", "params_before", "params_after", "reduction", "kept_experts", "coverage", "max_output_deviation",
+            "seconds", "out")
+    print_json({k: report[k] for k in keys} | ({"sweep_chosen": report["sweep"]["chosen"]} if "sweep" in report
+                                               else {}))
+
+
+def _point_line(app_name: str, done: int, total: int, point: dict[str, Any]) -> str:
+    """A sweep point as one progress line."""
+    low, high = point["ci95"]
+    return (f"sweep {app_name}: point {done}/{total}: {point['kept_per_layer']} experts per MoE layer, encoder "
+            f"{point['encoder_params']:,} parameters, metric {point['value']:.4f} (95% CI {low:.3f}-{high:.3f})")
+
+
+@app.command()
+def sweep(
+    app_name: str = APP,
+    checkpoint: Path = typer.Option(None, help=f"Pre-trained model folder (default: {PRETRAIN_DIR})."),
+    chips: Path = typer.Option(None, help="Labelled chip store: calibration (train+val), fine-tuning (train, val) "
+                               "and the metric (test) (default: the app's chips)."),
+    out: Path = typer.Option(None, help="Output folder for sweep.json (default: outputs/apps/APP/sweep)."),
+    strategy: str = typer.Option(None, help="Criterion that ranks the experts inside the groups: coverage, frequency, "
+                                 "reap or task (default: the app's prune.strategy)."),
+    params: Path = PARAMS_OPT,
+    device: str = DEVICE,
+    quiet: bool = typer.Option(False, help="No progress bar (the per-point lines are still printed)."),
+    force: bool = FORCE,
+) -> None:
+    """Accuracy-size curve: one pruned, fine-tuned, evaluated model per number of experts per MoE layer.
+
+    Sizes: from the app's expert groups down to top_k; the experts are scored once (calibration on the app's chips).
+
+    Each size is fine-tuned and evaluated with the app's budget, seeds and split (test metric, bootstrap 95% CI).
+
+    Writes OUT/sweep.json: points, largest first (kept_per_layer, params, value, ci95, latency_ms at batch 1),
+    and chosen, the smallest model whose metric is at least the full group's minus the app's gate.tolerance.
+
+    One line per point on standard error.
+    """
+    from mapex_core import stages
+
+    with progress(f"sweep {app_name}", quiet) as update:
+        record = stages.sweep(app_name, params, checkpoint=checkpoint, chips=chips, out=out, strategy=strategy,
+                              device=device, force=force,
+                              on_step=lambda s, total, info: update(s, total, _step_info(info)),
+                              on_point=lambda done, total, point: typer.echo(_point_line(app_name, done, total, point),
+                                                                             err=True))
+    keep = ("kept_per_layer", "params", "value", "ci95", "latency_ms")
+    print_json({"app": record["app"], "metric": record["metric"], "strategy": record["strategy"],
+                "tolerance": record["tolerance"], "points": [{k: p[k] for k in keep} for p in record["points"]],
+                "chosen": {k: record["chosen"][k] for k in ("index", *keep)}, "seconds": record["seconds"],
+                "out": str(Path(record["out"]) / "sweep.json")})
 
 
 @app.command()
@@ -292,6 +391,70 @@ def evaluate(
                   for v in VARIANTS})
 
 
+
+@app.command()
+def ablate(
+    app_name: str = APP,
+    checkpoint: Path = typer.Option(None, help=f"Unpruned modality-routed pre-trained model (default: {PRETRAIN_DIR})."),
+    chips: Path = typer.Option(None, help="Labelled chip store: train, val (early stopping) and test (the metric) "
+                               "splits (default: the app's chips)."),
+    out: Path = typer.Option(None, help="Output folder for ablation.json (default: reports/APP/ablation)."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per arm: the app's first seed and the next ones."),
+    only: str = typer.Option(None, help="Comma-separated arms to run; the reference 'modality' always runs. Arms: "
+                             "standard, dense, scratch, linear, labels-1pct, labels-10pct, kshot-K."),
+    steps: int = typer.Option(None, min=1, help="Fine-tuning steps of every arm (default: the app's finetune.steps)."),
+    shots: int = typer.Option(10, min=1, help="K of the k-shot arm (examples per class)."),
+    standard_checkpoint: Path = typer.Option(None, help="A pre-trained standard-routing model (default: pre-train "
+                                             "one here with the reference's config, chips and recorded budget)."),
+    pretrain_chips: list[Path] = typer.Option(None, help="The chip stores the reference was pre-trained on, for the "
+                                              "standard model; repeat (default: params pipeline.pretrain_datasets)."),
+    params: Path = PARAMS_OPT,
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Log an MLflow parent run with one nested run per "
+                               "arm and seed (MLFLOW_TRACKING_URI, else ./mlflow)."),
+    quiet: bool = typer.Option(False, help="No progress bar (the per-arm lines are still printed)."),
+    force: bool = FORCE,
+) -> None:
+    """Ablations of an app, each arm with the app's fine-tuning budget, its split and several seeds.
+
+    Arms: modality vs standard routing (same size); pruned MoE vs dense ViT of the same active parameters.
+
+    And: with vs without MAE pre-training; full fine-tuning vs linear probe; labels 1% / 10% / 100%; k-shot.
+
+    Writes OUT/ablation.json: per arm and seed the test metric with bootstrap 95% intervals, and the paired
+    difference to the reference with its interval. One line per arm and seed on standard error.
+    """
+    from contextlib import suppress
+
+    from mapex_core.project import PARAMS
+    from mapex_core.project import pretrain_chips as pipeline_chips
+    from mapex_core.training.ablate import ablate_app
+
+    source = params or (PARAMS if PARAMS.is_file() else None)
+    stores = list(pretrain_chips or [])
+    if not stores and standard_checkpoint is None and source is not None:
+        with suppress(ValueError):  # no pipeline datasets: the standard arm says what to pass
+            stores = pipeline_chips(source)
+    logger = None
+    if track:
+        from mapex_core.tracking.store import configure, log_run_group
+
+        configure()  # before the work: an unreachable store fails now, not after the training
+        logger = log_run_group
+    with progress(f"ablate {app_name}", quiet) as update:
+        report = ablate_app(app_name, checkpoint or PRETRAIN_DIR, chips, out, params=source, seeds=seeds,
+                            only=[a.strip() for a in only.split(",") if a.strip()] if only else None, steps=steps,
+                            shots=shots, standard_checkpoint=standard_checkpoint, pretrain_chips=stores or None,
+                            device=device, track=logger, on_line=lambda text: typer.echo(text, err=True),
+                            on_step=lambda s, total, info: update(s, total, _step_info(info)), force=force)
+    print_json({"app": report["app"], "metric": report["metric"], "seeds": report["seeds"], "sizes": report["sizes"],
+                "arms": {n: {"value": a["value"], "ci95": a["ci95"], "seed_values": a["seed_values"],
+                             "vs_reference": (a["vs_reference"] or {}).get("verdict")}
+                         for n, a in report["arms"].items()},
+                "mlflow_run": (report.get("mlflow") or {}).get("run_id"),
+                "out": str(Path(report["out"]) / "ablation.json")})
+
+
 ALIAS = typer.Option("champion", help="Registry alias (champion, challenger, ...).")
 MODEL = typer.Option(None, help="A local task model folder instead of the registry (e.g. outputs/apps/APP/finetuned).")
 
@@ -326,6 +489,12 @@ def serve(
     max_body_mb: float = typer.Option(None, "--max-body-mb", min=0.001, max=4096,
                                       help="Largest request body in MiB (default: the model's largest valid "
                                       "request in the compact form, at least 32)."),
+    max_batch: int = typer.Option(None, "--max-batch", min=1, max=4096,
+                                  help="Most chips in one forward pass shared by concurrent requests; 1: no "
+                                  "batching (default: MAPEX_SERVE_MAX_BATCH, else 64)."),
+    max_wait_ms: float = typer.Option(None, "--max-wait-ms", min=0, max=1000,
+                                      help="Longest a request waits for others on their way to join its batch, "
+                                      "in ms (default: MAPEX_SERVE_MAX_WAIT_MS, else 2)."),
 ) -> None:
     """Serve mapex-APP@ALIAS over REST (MLflow's scoring server on uvicorn, local env): POST /invocations.
 
@@ -333,14 +502,17 @@ def serve(
     modality of the app; response: {"predictions": {"probabilities" | "mask": ..., "classes": [...]}}.
     A request that breaks the input contract gets HTTP 400 with what was expected; a malformed one
     (not JSON, no JSON Content-Type, too deeply nested, over the body limit) a short 4xx.
+    Concurrent requests share forward passes (adaptive batching: a lone request never waits).
     """
     from mapex_core import delivery
 
     def announce(info: dict[str, Any]) -> None:
         typer.echo(f"serving mapex-{app_name}@{alias} (version {info['version']}) on http://{host}:{port}"
-                   f"/invocations (store {info['store']}, body limit {info['max_body'] / 2**20:.1f} MiB)", err=True)
+                   f"/invocations (store {info['store']}, body limit {info['max_body'] / 2**20:.1f} MiB, "
+                   f"batches of up to {info['max_batch']} chips, wait {info['max_wait_ms']:g} ms)", err=True)
 
-    delivery.serve(app_name, alias, host, port, workers, max_body_mb, announce=announce)
+    delivery.serve(app_name, alias, host, port, workers, max_body_mb, announce=announce, max_batch=max_batch,
+                   max_wait_ms=max_wait_ms)
 
 
 @app.command()
@@ -354,6 +526,10 @@ def predict(
     output: str = typer.Option("labels", help="labels (class ids, uint8) or probabilities (one band per class)."),
     overlap: int = typer.Option(16, help="Pixels shared by neighbouring windows (blended)."),
     batch_size: int = typer.Option(16, min=1, help="Windows per forward pass."),
+    s2_offset: str = typer.Option("auto", "--s2-offset", help="Sentinel-2 offset of processing baseline 04.00+: "
+                                  "auto (detect from metadata, product name, date), none, or DN to remove (1000)."),
+    s1_scale: str = typer.Option("auto", "--s1-scale", help="Sentinel-1 values: auto (detect linear power), db, or "
+                                 "linear (converted to dB)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     force: bool = FORCE,
 ) -> None:
@@ -373,7 +549,8 @@ def predict(
         pairs[mod] = Path(path)
     with progress("predict", quiet) as update:
         summary = delivery.predict(app_name, pairs, out, alias, model, output=output, overlap=overlap, force=force,
-                                   batch_size=batch_size, progress=lambda d, t: update(d, t, "windows"))
+                                   batch_size=batch_size, progress=lambda d, t: update(d, t, "windows"),
+                                   s2_offset=s2_offset, s1_scale=s1_scale)
     print_json(summary)
 
 

@@ -83,35 +83,48 @@ def export(app: str, fmt: str, out: str | Path, alias: str = "champion", model: 
 
 
 def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
-          max_body_mb: float | None = None, announce: Callable[[dict[str, Any]], None] | None = None) -> None:
+          max_body_mb: float | None = None, announce: Callable[[dict[str, Any]], None] | None = None,
+          max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
     """``mapex serve``: serve ``mapex-APP@ALIAS`` over REST until SIGTERM or Ctrl-C.
 
     The alias is resolved once (every worker serves the same version); the version's task model folder
     is checked before it is loaded; MLflow's scoring app runs behind
-    :class:`mapex_core.tracking.server.GuardedApp` (malformed requests get a short 4xx).
+    :class:`mapex_core.tracking.server.GuardedApp` (malformed requests get a short 4xx); concurrent
+    requests share forward passes (:mod:`mapex_core.tracking.batching`).
 
     Args:
         max_body_mb: the request body limit in MiB (default: the model's largest valid request in the
             compact form, at least 32 MiB).
-        announce: called with ``version``, ``store`` and ``max_body`` (bytes) just before the server starts.
+        announce: called with ``version``, ``store``, ``max_body`` (bytes), ``max_batch`` (rows) and
+            ``max_wait_ms`` just before the server starts.
+        max_batch, max_wait_ms: the most rows in one forward (1: no batching) and the longest a request
+            waits for others on their way (default: ``MAPEX_SERVE_MAX_BATCH`` / ``MAPEX_SERVE_MAX_WAIT_MS``,
+            else 64 rows and 2 ms).
 
     Raises:
-        ValueError: a bad name, no such model or alias, or a model folder that does not match its config.
+        ValueError: a bad name, option, no such model or alias, or a model folder that does not match its config.
     """
     from mapex_core import tracking
+    from mapex_core.tracking.batching import check_settings, settings_from_env
     from mapex_core.tracking.server import serve_model
 
     check_name(app)
     check_alias(alias)
+    default_batch, default_wait = settings_from_env()  # (a bad variable is an error now, named)
+    check_settings(default_batch if max_batch is None else max_batch, default_wait, "--max-batch")
+    check_settings(default_batch, default_wait if max_wait_ms is None else max_wait_ms, "--max-wait-ms")
     _check_port_free(host, port)  # before the model is fetched: one line, not uvicorn's exit 3
     uri = tracking.configure()
     version = tracking.model_version_for(app, alias)
 
     def started(max_body: int) -> None:
         if announce is not None:
-            announce({"version": version, "store": uri, "max_body": max_body})
+            batch, wait = settings_from_env()  # what serve_model set for the model
+            announce({"version": version, "store": uri, "max_body": max_body, "max_batch": batch,
+                      "max_wait_ms": wait})
 
-    serve_model(f"models:/{tracking.registered_name(app)}/{version}", host, port, workers, max_body_mb, started)
+    serve_model(f"models:/{tracking.registered_name(app)}/{version}", host, port, workers, max_body_mb, started,
+                max_batch, max_wait_ms)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -5,6 +5,13 @@ ranges. Adding a sensor is one entry in :data:`MODALITIES`; nothing else changes
 
 Wavelengths are centre wavelengths in micrometres (for SAR: the radar wavelength, C-band
 5.55 cm = 55 465 um). Resolutions are the native ground sampling distance in metres.
+
+Radiometric conventions that differ between product versions live here too, so that readers
+(:mod:`mapex_core.data.radiometry`) bring every product onto one scale: a
+:class:`ProductOffset` (Sentinel-2 processing baseline 04.00 and later add +1000 to every valid
+value) and ``linear_power`` (Sentinel-1 backscatter that may arrive as linear power instead of dB).
+Band entries carry the STAC common name (``red``, ``nir08``, ``swir16``) and the asset keys public
+catalogs use (Earth Search's ``rededge1``), so catalog items are read by those names.
 """
 
 from __future__ import annotations
@@ -27,11 +34,45 @@ class BandSpec:
         name: band name as the provider spells it (``B04``, ``VV``).
         wavelength_um: centre wavelength in micrometres, ``None`` when not applicable (DEM).
         resolution_m: native ground sampling distance in metres.
+        common_name: the STAC ``eo`` common name (``red``, ``nir08``); ``rededge`` is shared by
+            three Sentinel-2 bands, so it names no band on its own.
+        aliases: other asset keys public STAC catalogs give this band (Earth Search: ``rededge1``).
     """
 
     name: str
     wavelength_um: float | None
     resolution_m: float
+    common_name: str | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProductOffset:
+    """A constant that some versions of a product add to every valid value.
+
+    Sentinel-2 L1C and L2A of processing baseline 04.00 and later (produced from 25 January 2022,
+    and the reprocessed Collection-1 archive) store ``DN = reflectance x 1e4 - ADD_OFFSET`` with
+    ``ADD_OFFSET = -1000`` per band in the product metadata; DN 0 stays nodata. Removing ``value``
+    puts them back on the earlier scale.
+
+    Args:
+        value: the offset in stored units (1000) when the metadata does not give it per band.
+        since_baseline: the first processing baseline that adds it (``"04.00"``).
+        since_date: the first acquisition date (ISO) of products that add it, for the last-resort rule.
+        metadata_field: the per-band XML element of the product metadata (``BOA_ADD_OFFSET``).
+        metadata_files: product metadata file names (``MTD_MSIL2A.xml``).
+        band_order: band names in the order of the metadata's ``band_id`` (0, 1, ...).
+        floor: the lowest value after removal: earlier baselines clamped DN to [1, 32767], so a
+            value that falls below 1 becomes 1 (see :mod:`mapex_core.data.radiometry`).
+    """
+
+    value: float
+    since_baseline: str
+    since_date: str
+    metadata_field: str
+    metadata_files: tuple[str, ...]
+    band_order: tuple[str, ...] = ()
+    floor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +90,9 @@ class ModalitySpec:
         dtypes: the raster data types (rasterio names) that can hold this sensor's values; a
             file of another type (an ``int8`` reflectance band, ``uint16`` SAR amplitude where dB
             is expected, complex SLC data) is refused before its pixels are read.
+        offset: the offset some product versions add (see :class:`ProductOffset`), or ``None``.
+        linear_power: values may arrive as linear power (many catalogs serve SAR so); they are
+            detected and converted to ``units`` (dB: 10 log10) by :mod:`mapex_core.data.radiometry`.
     """
 
     name: str
@@ -59,6 +103,8 @@ class ModalitySpec:
     valid_range: tuple[float, float]
     kind: str
     dtypes: tuple[str, ...] = REAL_DTYPES
+    offset: ProductOffset | None = None
+    linear_power: bool = False
 
     @property
     def band_names(self) -> list[str]:
@@ -80,22 +126,29 @@ class ModalitySpec:
 
 
 def _s2_bands(include_b10: bool) -> tuple[BandSpec, ...]:
+    # name, wavelength, resolution, STAC common name, Earth Search asset key where it differs
     table = [
-        ("B01", 0.443, 60.0),
-        ("B02", 0.490, 10.0),
-        ("B03", 0.560, 10.0),
-        ("B04", 0.665, 10.0),
-        ("B05", 0.705, 20.0),
-        ("B06", 0.740, 20.0),
-        ("B07", 0.783, 20.0),
-        ("B08", 0.842, 10.0),
-        ("B8A", 0.865, 20.0),
-        ("B09", 0.945, 60.0),
-        ("B10", 1.375, 60.0),
-        ("B11", 1.610, 20.0),
-        ("B12", 2.190, 20.0),
+        ("B01", 0.443, 60.0, "coastal", ()),
+        ("B02", 0.490, 10.0, "blue", ()),
+        ("B03", 0.560, 10.0, "green", ()),
+        ("B04", 0.665, 10.0, "red", ()),
+        ("B05", 0.705, 20.0, "rededge", ("rededge1",)),
+        ("B06", 0.740, 20.0, "rededge", ("rededge2",)),
+        ("B07", 0.783, 20.0, "rededge", ("rededge3",)),
+        ("B08", 0.842, 10.0, "nir", ()),
+        ("B8A", 0.865, 20.0, "nir08", ()),
+        ("B09", 0.945, 60.0, "nir09", ()),
+        ("B10", 1.375, 60.0, "cirrus", ()),
+        ("B11", 1.610, 20.0, "swir16", ()),
+        ("B12", 2.190, 20.0, "swir22", ()),
     ]
-    return tuple(BandSpec(n, w, r) for n, w, r in table if include_b10 or n != "B10")
+    return tuple(BandSpec(n, w, r, c, a) for n, w, r, c, a in table if include_b10 or n != "B10")
+
+
+def _s2_offset(level: str, field: str) -> ProductOffset:
+    return ProductOffset(value=1000.0, since_baseline="04.00", since_date="2022-01-25", metadata_field=field,
+                         metadata_files=(f"MTD_MSI{level}.xml",),
+                         band_order=tuple(b.name for b in _s2_bands(include_b10=True)))  # ESA band ids 0..12
 
 
 _C_BAND_UM = 55465.76  # Sentinel-1 C-band, 5.405 GHz
@@ -110,6 +163,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         valid_range=(0.0, 20000.0),
         kind="optical",
         dtypes=_REFLECTANCE_DTYPES,
+        offset=_s2_offset("L2A", "BOA_ADD_OFFSET"),
     ),
     "s2l1c": ModalitySpec(
         name="s2l1c",
@@ -120,6 +174,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         valid_range=(0.0, 20000.0),
         kind="optical",
         dtypes=_REFLECTANCE_DTYPES,
+        offset=_s2_offset("L1C", "RADIO_ADD_OFFSET"),
     ),
     "s1": ModalitySpec(
         name="s1",
@@ -130,6 +185,7 @@ MODALITIES: dict[str, ModalitySpec] = {
         valid_range=(-50.0, 30.0),
         kind="sar",
         dtypes=("float32", "float64"),  # dB; integer files are amplitude DN (e.g. GRD uint16), not dB
+        linear_power=True,  # catalogs often serve sigma0/gamma0 as linear power: converted to dB
     ),
     "rgb": ModalitySpec(
         name="rgb",

@@ -17,6 +17,14 @@ transparent) and the class names in the band metadata (``CLASS_<id>=<name>``); p
 name each band's class (description, ``CLASS_ID``/``CLASS_NAME``). Overviews are built with
 ``mode`` resampling for labels (the most frequent class id of the pixels below; never a value that
 is not a class id or nodata) and ``average`` for probabilities, both skipping nodata.
+
+Radiometry is harmonised as at ingestion (:mod:`mapex_core.data.radiometry`), decided once per
+input from its metadata and name (Sentinel-2 processing baseline: the +1000 offset removed) or, for
+Sentinel-1 without a unit, from the values of an evenly decimated read (at most
+:data:`SAMPLE_PIXELS` pixels; linear power converted to dB); each strip is converted after nodata
+is masked. A modality warped onto another grid is converted after the warp (bilinear), so linear
+power is averaged before it becomes dB there; on the output grid the values equal ingestion's.
+The decisions are in the summary (``radiometry``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from mapex_core.contract import InputContract
+from mapex_core.data import radiometry
+from mapex_core.data.radiometry import Decision, FileMeta, RadiometryOptions
 from mapex_core.data.raster import GDAL_CACHE_MB, Grid, check_header, window_offsets
 from mapex_core.io import atomic_write, check_output_file, staged_folder
 from mapex_core.modalities import MODALITIES
@@ -43,6 +53,7 @@ from mapex_core.modalities import MODALITIES
 TAG = {"MAPEX_PRODUCT": "mapex predict"}  # a GeoTIFF tag that marks the maps this module writes
 LABEL_NODATA = 255  # nodata of a label map (uint8): class ids are 0 .. 254
 OVERVIEW_RESAMPLING = {"labels": "MODE", "probabilities": "AVERAGE"}  # GDAL's COG RESAMPLING option
+SAMPLE_PIXELS = 1024 * 1024  # pixels of the decimated read that decides Sentinel-1's scale, at most
 # colours of class ids 0..19 (matplotlib's tab20, strong shades first); further ids: golden-angle hues
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
@@ -128,7 +139,8 @@ def _open_inputs(inputs: dict[str, str | Path], contract: InputContract) -> tupl
 
 def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, batch_size: int = 16,
                   overlap: int = 16, output: str = "labels",
-                  progress: Callable[[int, int], None] | None = None, force: bool = False) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None = None, force: bool = False,
+                  s2_offset: str = "auto", s1_scale: str = "auto") -> dict[str, Any]:
     """Map whole scenes with a task model; write a georeferenced COG.
 
     Args:
@@ -142,9 +154,12 @@ def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, ba
             NaN). Nodata wherever an input pixel is nodata.
         progress: callback ``(windows done, windows total)``.
         force: replace any file at ``out``.
+        s2_offset: ``auto`` (detect the processing baseline), ``none`` or DN to remove (``--s2-offset``).
+        s1_scale: ``auto`` (detect linear power), ``db`` or ``linear`` (``--s1-scale``).
 
     Returns:
-        Summary: size, windows, classes, output path, ``nodata`` (the value) and ``nodata_pixels``.
+        Summary: size, windows, classes, output path, ``nodata`` (the value), ``nodata_pixels`` and
+        ``radiometry`` (per modality: action, source, detail).
 
     Raises:
         OutputConflict: ``out`` is a folder, or a file of another kind without ``force`` (checked
@@ -154,14 +169,16 @@ def predict_scene(model: Any, inputs: dict[str, str | Path], out: str | Path, ba
     """
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    options = RadiometryOptions(s2_offset, s1_scale)
     check_out_file(out, force)
     # GDAL's block cache would otherwise grow with the scene up to 5% of the machine's RAM
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        return _predict_scene(model, inputs, Path(out), batch_size, overlap, output, progress, force)
+        return _predict_scene(model, inputs, Path(out), batch_size, overlap, output, progress, force, options)
 
 
 def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_size: int, overlap: int,
-                   output: str, progress: Callable[[int, int], None] | None, force: bool) -> dict[str, Any]:
+                   output: str, progress: Callable[[int, int], None] | None, force: bool,
+                   options: RadiometryOptions) -> dict[str, Any]:
     contract = InputContract.of(model)
     chip = contract.chip_size
     if not 0 <= overlap < chip // 2:
@@ -172,8 +189,11 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
     srcs, ref = _open_inputs(inputs, contract)
     readers: dict[str, Any] = {}
     try:
+        decisions = {m: _decide(m, s, Path(inputs[m]), options) for m, s in srcs.items()}
         readers = _lazy_readers(srcs, ref, inputs)
-        return _map_scene(model, contract, readers, ref, out, batch_size, overlap, output, progress, force)
+        summary = _map_scene(model, contract, readers, ref, out, batch_size, overlap, output, progress, force,
+                             decisions)
+        return {**summary, "radiometry": {m: d.to_dict() for m, d in decisions.items()}}
     finally:
         for da in readers.values():
             da.close()
@@ -183,6 +203,18 @@ def _predict_scene(model: Any, inputs: dict[str, str | Path], out: Path, batch_s
 
 def _grid(src: Any) -> Grid:
     return Grid(src.crs.to_wkt(), tuple(src.transform)[:6], (src.height, src.width))
+
+
+def _decide(modality: str, src: Any, path: Path, options: RadiometryOptions) -> Decision:
+    """The radiometric decision for one input: its metadata and name, and (Sentinel-1 without a unit)
+    the values of a nearest-neighbour read decimated to at most :data:`SAMPLE_PIXELS` pixels."""
+    values = None
+    if radiometry.needs_values(modality, options):
+        step = max(1, int(np.ceil(np.sqrt(src.height * src.width / SAMPLE_PIXELS))))
+        shape = (src.count, max(1, src.height // step), max(1, src.width // step))
+        values = src.read(out_shape=shape, resampling=Resampling.nearest, masked=True)  # (C, h', w')
+        values = values.astype(np.float32).filled(np.nan)
+    return radiometry.decide(modality, [path], [FileMeta.of_dataset(src)], values=values, options=options)
 
 
 def _lazy_readers(srcs: dict[str, Any], ref: Any, inputs: dict[str, str | Path]) -> dict[str, Any]:
@@ -215,7 +247,7 @@ def _temporary_geotiff(path: Path, profile: dict[str, Any]) -> Any:
 
 def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref: Any, out: Path, batch_size: int,
                overlap: int, output: str, progress: Callable[[int, int], None] | None,
-               force: bool) -> dict[str, Any]:
+               force: bool, decisions: dict[str, Decision]) -> dict[str, Any]:
     chip = contract.chip_size
     height, width = ref.height, ref.width
     stride = chip - overlap
@@ -250,7 +282,7 @@ def _map_scene(model: Any, contract: InputContract, readers: dict[str, Any], ref
                     wsum[chip - shift:] = 0.0
                     acc_top = r
                 # modality -> (C, chip, W), normalised; where no input is nodata: (chip, W)
-                strip, strip_valid = _read_strip(contract, readers, r, chip, width)
+                strip, strip_valid = _read_strip(contract, readers, r, chip, width, decisions)
                 valid[:] = strip_valid  # the strip's rows [r, r + chip) are the buffer's (acc_top == r)
                 for start in range(0, len(cols), batch_size):
                     batch_cols = cols[start:start + batch_size]
@@ -304,9 +336,10 @@ def _write_rows(dst: Any, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray, 
 
 
 def _read_strip(contract: InputContract, readers: dict[str, Any], row: int, chip: int,
-                width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The rows ``[row, row + chip)`` of every modality on the output grid, normalised, NaN -> 0 (one read
-    each), and where no band of any modality is nodata there: ``(chip, W)`` bool."""
+                width: int, decisions: dict[str, Decision]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows ``[row, row + chip)`` of every modality on the output grid, harmonised (``decisions``),
+    normalised, NaN -> 0 (one read each), and where no band of any modality is nodata there:
+    ``(chip, W)`` bool."""
     arrays = {}
     valid = np.ones((chip, width), bool)  # windows never pass the scene's last row: row + chip <= height
     for m, da in readers.items():
@@ -314,6 +347,7 @@ def _read_strip(contract: InputContract, readers: dict[str, Any], row: int, chip
         nodata = MODALITIES[m].nodata
         if nodata is not None and not np.isnan(nodata):
             a[a == nodata] = np.nan
+        radiometry.apply(decisions[m], a, contract.bands[m])  # offset removed / dB; non-positive power: NaN
         valid &= ~np.isnan(a).any(0)  # (chip, W)
         arrays[m] = a
     return {m: np.nan_to_num(a, nan=0.0) for m, a in contract.normalize(arrays).items()}, valid

@@ -56,6 +56,8 @@ class PipelineParams:
     nproc: int = 1
     schedule: str = "0 3 * * 1"
     timezone: str = "UTC"
+    no_gpu_worker: str = "local"  # a worker's retrain finds no worker in pool gpu: local (warning), wait or fail
+    gpu_wait_s: float = 600.0  # how long `wait` waits for one
 
 
 def read_params(params: str | Path | dict[str, Any] | None) -> tuple[dict[str, Any], str]:

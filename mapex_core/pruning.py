@@ -69,6 +69,8 @@ from mapex_core.model.heads import TaskModel
 from mapex_core.model.routing import moe_layers
 
 STRATEGIES = ("coverage", "group", "frequency", "reap", "task")
+# what the pipeline registers: the criterion's own rule (or keep_per_layer), or the smallest point of a sweep
+TARGETS = ("groups", "smallest_within_tolerance")
 SCORE_DEFINITIONS = {
     "coverage": "routing mass: sum of the gates the application's tokens gave the expert",
     "group": "1 for the application modalities' expert groups and the shared experts, 0 otherwise",
@@ -90,6 +92,9 @@ class PruneParams:
         batch_size: chips per calibration batch.
         keep_per_layer: experts kept per MoE layer, chosen inside the app's groups by score, from
             the groups' size down to ``top_k``; ``None``: the criterion's own rule (coverage, groups).
+        target: what the pipeline's prune stage keeps (one of :data:`TARGETS`): ``groups``, the rule
+            above; ``smallest_within_tolerance``, the smallest size of an accuracy-size sweep
+            (:mod:`mapex_core.training.sweep`) whose metric is within ``gate.tolerance`` of the full group's.
     """
 
     coverage: float = 0.99
@@ -97,6 +102,7 @@ class PruneParams:
     calibration_batches: int = 50
     batch_size: int = 16
     keep_per_layer: int | None = None
+    target: str = "groups"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -109,6 +115,15 @@ class PruneParams:
         if k is not None and self.strategy == "group":
             raise ValueError("prune.keep_per_layer needs a criterion that ranks experts; strategy 'group' ranks "
                              f"none (use one of {[s for s in STRATEGIES if s != 'group']})")
+        if self.target not in TARGETS:
+            raise ValueError(f"prune.target must be one of {TARGETS}, got {self.target!r}")
+        if self.target != "groups" and k is not None:
+            raise ValueError(f"prune.target {self.target!r} chooses the experts kept per layer by a sweep; "
+                             f"remove prune.keep_per_layer ({k}) or use target 'groups'")
+        if self.target != "groups" and self.strategy == "group":
+            raise ValueError(f"prune.target {self.target!r} sweeps sizes inside the groups, which needs a criterion "
+                             f"that ranks experts; strategy 'group' ranks none (use one of "
+                             f"{[s for s in STRATEGIES if s != 'group']})")
 
 
 def select_by_coverage(mass: torch.Tensor, experts: list[int], coverage: float, top_k: int) -> list[int]:

@@ -161,17 +161,60 @@ def pretrain(params: Params = None, *, chips: list[str | Path] | None = None, ou
 
 def prune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
           chips: str | Path | None = None, out: str | Path | None = None,
-          device: str | None = None, force: bool = False) -> dict[str, Any]:
+          device: str | None = None, force: bool = False, task_model: str | Path | None = None,
+          on_step: Progress | None = None, on_point: Progress | None = None) -> dict[str, Any]:
     """prune@APP: the pre-trained model pruned to the application's experts (default -> ``outputs/apps/APP/pruned``).
 
-    ``force``: replace ``out`` even when it is not a MAPEX model folder."""
-    from mapex_core.training.prune import prune_app
+    Under ``prune.target: smallest_within_tolerance`` the experts kept per layer are chosen by an
+    accuracy-size sweep (:func:`mapex_core.training.sweep.sweep_prune_app`; its record goes into
+    ``prune_report.json``), else by the criterion's rule (:func:`mapex_core.training.prune.prune_app`).
 
+    Args:
+        force: replace ``out`` even when it is not a MAPEX model folder.
+        task_model: for ``prune.strategy: task``, a fine-tuned task model of the app to measure.
+        on_step, on_point: a sweep's progress: fine-tuning steps, and each point as its metric is known.
+    """
     application, chips = _app_chips(app, params, chips)
     out = Path(out) if out is not None else app_paths(application.name).pruned
-    report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params),
-                       force=force)
+    if application.prune.target == "smallest_within_tolerance":
+        from mapex_core.training.sweep import sweep_prune_app
+
+        report = sweep_prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params),
+                                 force=force, task_model_dir=task_model, on_step=on_step, on_point=on_point)
+    else:
+        from mapex_core.training.prune import prune_app
+
+        report = prune_app(application, checkpoint or PRETRAIN_DIR, chips, out, device=_device(device, params),
+                           force=force, task_model=task_model)
     return report | {"out": str(out)}
+
+
+def sweep_dir(app: str) -> Path:
+    """Where ``mapex sweep --app APP`` writes by default: ``outputs/apps/APP/sweep``."""
+    return app_paths(app).pruned.parent / "sweep"
+
+
+def sweep(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
+          chips: str | Path | None = None, out: str | Path | None = None, strategy: str | None = None,
+          device: str | None = None, on_step: Progress | None = None, on_point: Progress | None = None,
+          force: bool = False) -> dict[str, Any]:
+    """The application's accuracy-size curve: ``OUT/sweep.json`` (default ``outputs/apps/APP/sweep``).
+
+    Prunes the pre-trained model (default ``outputs/pretrain``) to each number of kept experts per
+    MoE layer, from the app's groups down to ``top_k``, fine-tunes and evaluates each with the app's
+    budget, seeds and split (:func:`mapex_core.training.sweep.sweep_app`).
+
+    Args:
+        strategy: the criterion that ranks the experts (default: the app's ``prune.strategy``).
+        force: replace ``out`` even when it is not a sweep folder.
+    """
+    from mapex_core.training.sweep import sweep_app
+
+    application, chips = _app_chips(app, params, chips)
+    out = Path(out) if out is not None else sweep_dir(application.name)
+    record = sweep_app(application, checkpoint or PRETRAIN_DIR, chips, out, strategy=strategy,
+                       device=_device(device, params), force=force, on_step=on_step, on_point=on_point)
+    return record | {"out": str(out)}
 
 
 def finetune(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
@@ -299,7 +342,10 @@ def stage_summary(stage: str) -> dict[str, Any]:
     paths = app_paths(name)
     if kind == "prune":
         r = read(paths.pruned / "prune_report.json")
-        return {k: r[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts", "coverage")}
+        chosen = (r.get("sweep") or {}).get("chosen")
+        return {k: r[k] for k in ("app", "params_before", "params_after", "reduction", "kept_experts", "coverage")} | (
+            {"target": r["target"], "sweep_chosen": {k: chosen[k] for k in ("index", "kept_per_layer", "params", "value")},
+             "sweep_points": len(r["sweep"]["points"]), "tolerance": r["sweep"]["tolerance"]} if chosen else {})
     if kind == "finetune":
         f = read(paths.finetuned / "finetune.json")
         return {"app": name, "best_val": f["history"]["best_val"], "parameters": f["parameters"]}

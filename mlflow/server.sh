@@ -3,6 +3,8 @@
 # bound to 127.0.0.1 (MLFLOW_HOST / MLFLOW_PORT override; one worker suits a laptop).
 #   bash mlflow/server.sh            # or: make mlflow-ui
 #   then open http://127.0.0.1:5000, or point runs at it: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+# A team's server (runs and registry in PostgreSQL, artifacts proxied to an S3 store, with Prefect):
+# `make cluster-up` (README "Run it for a team").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST="${MLFLOW_HOST:-127.0.0.1}"

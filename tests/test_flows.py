@@ -19,12 +19,15 @@ def test_deployments_have_schedule_pools_and_parameters(prefect_harness, tmp_pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     monkeypatch.chdir(tmp_path)
     out = deploy("params.yaml")
-    assert [d["deployment"] for d in out] == ["retrain/scheduled-retrain", "pretrain/pretrain-gpu"]
+    assert [d["deployment"] for d in out] == ["retrain/scheduled-retrain", "pretrain/pretrain-gpu",
+                                              "application/app-cpu"]
     with get_client(sync_client=True) as client:
         retrain = client.read_deployment_by_name("retrain/scheduled-retrain")
         pretrain = client.read_deployment_by_name("pretrain/pretrain-gpu")
+        application = client.read_deployment_by_name("application/app-cpu")
         pools = {p.name: p.type for p in client.read_work_pools()}
     assert retrain.work_pool_name == "cpu" and pretrain.work_pool_name == "gpu"
+    assert application.work_pool_name == "cpu" and application.entrypoint == "flows.handoff.application_flow"
     assert {"cpu": "process", "gpu": "process"}.items() <= pools.items()
     assert [(s.schedule.cron, s.schedule.timezone) for s in retrain.schedules] == [("0 3 * * 1", "UTC")]
     assert retrain.parameters == {"params": "params.yaml", "fetch_samples": False}

@@ -300,6 +300,37 @@ def test_reingestion_is_byte_identical_with_the_same_dvc_hash(shared, tmp_path):
     assert hashes[0] == hashes[1]
 
 
+def test_scenes_spread_over_dask_workers_give_the_same_store(shared, ben_root, tmp_path):
+    """Issue 18.1: one dataset's scenes on 2 Dask worker processes (chips, hashes, statistics parts made there,
+    written here in scene order) give the single-process store byte for byte: the 6 BigEarthNet pairs, and the
+    Sen1Floods11 chip with split blocks (statistics per chip)."""
+    import logging
+
+    from distributed import LocalCluster
+
+    from mapex_core.data.distributed_ingest import restored_environ
+
+    cases = [(ben_root, {"layout": "bigearthnet", "chip_size": 64, "stride": 28}),
+             (shared / "sen1floods11_sample", {"chip_size": 64, "split_block": 128})]
+    with restored_environ(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                          silence_logs=logging.ERROR) as cluster:
+        for k, (src, kw) in enumerate(cases):
+            one = ingest(src, tmp_path / f"one{k}" / "chips.zarr", reports_dir=tmp_path / "r1", **kw)
+            spread = ingest(src, tmp_path / f"dask{k}" / "chips.zarr", reports_dir=tmp_path / "r2",
+                            dask=cluster.scheduler_address, **kw)
+            assert spread["dask"] == cluster.scheduler_address and spread["chips"] == one["chips"] > 16
+            assert _tree(tmp_path / f"one{k}" / "chips.zarr") == _tree(tmp_path / f"dask{k}" / "chips.zarr")
+            assert spread["splits"] == one["splits"] and spread["chips_per_modality"] == one["chips_per_modality"]
+        bad = tmp_path / "bad"  # a worker's error reaches the caller naming the file; no partial store
+        shutil.copytree(shared / "sen1floods11_sample", bad)
+        _s1(bad).write_bytes(b"II*\x00" + b"\x00garbage" * 100)
+        with pytest.raises(ValueError, match=rf"{_s1(bad).name}: cannot read raster"):
+            ingest(bad, tmp_path / "bad.zarr", reports_dir=tmp_path / "r", chip_size=64, dask=cluster.scheduler_address)
+        _no_partial(tmp_path / "bad.zarr")
+    with pytest.raises(ValueError, match="--dask 'nowhere': use 'local'"):
+        ingest(shared / "sen1floods11_sample", tmp_path / "x.zarr", reports_dir=tmp_path / "r", dask="nowhere")
+
+
 # ----- bad input: a clear error naming the file, and no partial store --------------------------
 @pytest.fixture()
 def flood_copy(shared, tmp_path) -> Path:

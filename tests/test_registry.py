@@ -27,6 +27,11 @@ def test_gate_moves_champion_only_when_not_worse(store: Path) -> None:
     a = app()
     r1 = tracking.register_app(a, **version_files(store, 1, 0.50))
     assert (r1["version"], r1["decision"], r1["champion"], r1["reasons"]) == ("1", "passed", "1", ["no champion yet"])
+    from mlflow.models import get_model_info
+
+    info = get_model_info("models:/mapex-demo/1")  # its signature; no chip store in its lineage: no example
+    assert [(i.name, i.shape) for i in info.signature.inputs.inputs] == [("s2", (-1, 12, 32, 32))]
+    assert info.saved_input_example_info is None
     r2 = tracking.register_app(a, **version_files(store, 2, 0.495))  # within the 0.01 tolerance
     assert (r2["decision"], r2["champion"]) == ("passed", "2")
     r3 = tracking.register_app(a, **version_files(store, 3, 0.40))

@@ -160,7 +160,8 @@ def malformed(x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str] | None, in
         "latin-1": (('{"inputs": "é' + MARKER + '"}').encode("latin-1"), None, 400, "not valid UTF-8"),
         "empty": (b"", None, 400, "empty request body"),
         "a list": (b"[1, 2, 3]", None, 400, "Received a list"),
-        "unknown key": (json.dumps({MARKER * 200: 1}).encode(), None, 400, "input fields"),
+        # (MLflow's message names the 'inputs' key, whether or not the signature comes from type hints)
+        "unknown key": (json.dumps({MARKER * 200: 1}).encode(), None, 400, "'inputs'"),
         "contract: modality": (json.dumps({"inputs": {"s1": x[:, :2].tolist(), "note": MARKER}}).encode(), None,
                                400, "this model takes modalities ['s2']"),
         "contract: bands": (json.dumps({"inputs": {"s2": x[:, :3].tolist()}}).encode(), None, 400,

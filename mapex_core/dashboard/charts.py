@@ -162,6 +162,7 @@ class Series:
     dash: str = ""
     markers: bool = False
     point_titles: Sequence[str] = field(default_factory=list)
+    errors: Sequence[tuple[float, float]] = field(default_factory=list)  # (low, high) whisker of each point
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Mark:
     x: float
     y: float
     label: str
-    shape: str = "ring"  # ring | cross
+    shape: str = "ring"  # ring | cross | diamond
     color: str = "#111"
 
 
@@ -184,6 +185,7 @@ def line_chart(series: Sequence[Series], x_label: str, y_label: str, title: str,
     if not pts:
         return f'<p class="empty">{escape(title)}: no data yet</p>'
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    ys += [v for s in series for e in s.errors for v in e if v is not None and math.isfinite(v)]
     x0, x1 = min(xs), max(xs)
     pad = 0.5 if x1 == x0 else (x1 - x0) * 0.04  # markers at the ends stay inside the plot
     x0, x1 = x0 - pad, x1 + pad
@@ -223,16 +225,26 @@ def line_chart(series: Sequence[Series], x_label: str, y_label: str, title: str,
             dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
             out.append(f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="2"{dash}>'
                        f"<title>{escape(s.name)}</title></path>")
+        for x, (lo, hi) in zip(s.xs, s.errors, strict=False):
+            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+                px = sx(x)
+                out.append(f'<path class="whisker" d="M{px:.1f},{sy(lo):.1f}V{sy(hi):.1f}M{px - 3:.1f},{sy(lo):.1f}'
+                           f'H{px + 3:.1f}M{px - 3:.1f},{sy(hi):.1f}H{px + 3:.1f}" stroke="{s.color}" '
+                           f'stroke-width="1.2"/>')
         if s.markers or len(seg) == 1:
             titles = list(s.point_titles) or [f"{s.name}: {y:.4g}" for y in s.ys]
             for (x, y), t in zip(seg, titles, strict=False):
-                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{s.color}"><title>{escape(t)}</title>'
-                           "</circle>")
+                out.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{s.color}"><title>'
+                           f"{escape(t)}</title></circle>")
     for m in marks:
         if not math.isfinite(m.y):
             continue
         x, y = sx(m.x), sy(m.y)
-        if m.shape == "cross":
+        if m.shape == "diamond":
+            out.append(f'<path class="mark" d="M{x:.1f},{y - 8:.1f}L{x + 8:.1f},{y:.1f}L{x:.1f},{y + 8:.1f}L{x - 8:.1f},'
+                       f'{y:.1f}Z" fill="none" stroke="{m.color}" stroke-width="2"><title>{escape(m.label)}</title>'
+                       "</path>")
+        elif m.shape == "cross":
             out.append(f'<path class="mark" d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}M{x - 5:.1f},'
                        f'{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="{m.color}" stroke-width="2.5">'
                        f"<title>{escape(m.label)}</title></path>")

@@ -2,8 +2,9 @@
 
 Sources, all local to the project: the MLflow registry (through :mod:`mapex_core.tracking`), the
 stage outputs (``outputs/pretrain/{metrics,routing_stats}.json``, ``outputs/apps/APP/pruned/
-prune_report.json``, ``reports/APP/evaluation.json``), the chip stores and their validation
-reports. Anything missing becomes an empty value that the page shows as an empty state.
+prune_report.json`` with the sweep of ``prune.target``, ``outputs/apps/APP/sweep/sweep.json``,
+``reports/APP/evaluation.json``, ``reports/APP/ablation/ablation.json``), the chip stores and their
+validation reports. Anything missing becomes an empty value that the page shows as an empty state.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from mapex_core import project
 from mapex_core.apps import VARIANTS
+from mapex_core.stages import sweep_dir
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -71,6 +73,20 @@ def _version_row(row: dict[str, Any], metric: str, aliases: dict[str, str | None
     }
 
 
+def _sweep_facts(prune: dict[str, Any] | None, standalone: Path) -> dict[str, Any] | None:
+    """The application's accuracy-size sweep: the one its prune stage ran (``prune_report.json``), else the
+    last ``mapex sweep`` into its default folder; ``None`` when there is none."""
+    sweep, source = (prune or {}).get("sweep"), "prune stage (prune.target)"
+    if not sweep:
+        sweep, source = _read_json(standalone), str(standalone)
+    if not sweep:
+        return None
+    keep = ("kept_per_layer", "params", "value", "ci95", "latency_ms", "within_tolerance")
+    return {"source": source, "strategy": sweep.get("strategy"), "tolerance": sweep.get("tolerance"),
+            "reference": sweep.get("reference"), "chosen": (sweep.get("chosen") or {}).get("index"),
+            "points": [{k: p.get(k) for k in keep} for p in sweep.get("points", [])]}
+
+
 def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path) -> dict[str, Any]:
     paths = project.app_paths(app.name)
     aliases = {"champion": registry.get("champion"), "challenger": registry.get("challenger")}
@@ -86,7 +102,29 @@ def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path
         "prune": {k: prune.get(k) for k in keep} if prune else None,
         "gate": {"tolerance": app.gate.tolerance, "max_params": app.gate.max_params,
                  "max_latency_ms": app.gate.max_latency_ms},
+        "prune_target": app.prune.target,
+        "sweep": _sweep_facts(prune, root / sweep_dir(app.name) / "sweep.json"),
     }
+
+
+def _ablations(root: Path, apps: list[str]) -> list[dict[str, Any]]:
+    """The ablation tables of ``apps`` (``mapex ablate`` into its default folder), those that have one."""
+    from mapex_core.training.ablate import ABLATION_FILE, default_out
+
+    out = []
+    for name in apps:
+        rep = _read_json(root / default_out(name) / ABLATION_FILE)
+        if not rep:
+            continue
+        arms = [{"name": arm, **{k: a.get(k) for k in ("description", "comparison", "value", "ci95", "seed_values",
+                                                       "params", "active_params_per_token")},
+                 "train_chips": [s.get("train_chips") for s in a.get("per_seed", [])],
+                 "vs_reference": a.get("vs_reference")} for arm, a in (rep.get("arms") or {}).items()]
+        out.append({"app": name, "metric": rep.get("metric"), "seeds": rep.get("seeds"), "sizes": rep.get("sizes"),
+                    "budget_steps": (rep.get("budget") or {}).get("steps"), "notes": rep.get("notes", []),
+                    "mlflow_run": (rep.get("mlflow") or {}).get("run_id"), "arms": arms,
+                    "source": str(default_out(name) / ABLATION_FILE)})
+    return out
 
 
 def _dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
@@ -152,7 +190,7 @@ def collect(root: str | Path = ".", params: str | Path = "params.yaml") -> dict[
         "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "project": str(root.resolve()), "git_sha": lineage.git_sha(root), "tracking_uri": redact(uri),
         "mlflow_ui": redact(registry["ui"]), "experiment_id": registry["experiment_id"],
-        "apps": apps, "not_in_pipeline": skipped,
+        "apps": apps, "not_in_pipeline": skipped, "ablations": _ablations(root, names),
         "pretrain": {"metrics": _read_json(root / project.PRETRAIN_DIR / "metrics.json"),
                      "routing": _read_json(root / project.PRETRAIN_DIR / "routing_stats.json"),
                      "registry": registry["pretrained"]},

@@ -1,7 +1,7 @@
 """The dashboard page: one self-contained HTML file (inline CSS, inline SVG, a few lines of JS).
 
 Sections: application cards (registry, gate, size, lineage, metric history, pruned vs unpruned vs
-scratch), expert usage heatmaps, pre-training, data. Every value comes from :func:`collect`'s dict.
+scratch), ablation tables (``mapex ablate``), expert usage heatmaps, pre-training, data. Every value comes from :func:`collect`'s dict.
 """
 
 from __future__ import annotations
@@ -180,6 +180,50 @@ def _evaluation_chart(app: dict[str, Any]) -> str:
                      f"{app['name']}: pruned vs unpruned vs scratch", x_max=1.0)
 
 
+def _sweep_chart(app: dict[str, Any]) -> str:
+    """The accuracy-size curve (parameters vs metric, 95 % CI whiskers) with the registered and chosen points."""
+    sw = app.get("sweep")
+    if not sw or not sw["points"]:
+        return ""
+    pts = sw["points"]
+
+    def num(v: Any) -> float:
+        return float(v) if isinstance(v, (int, float)) else float("nan")
+
+    xs = [p["params"] / 1e6 for p in pts]
+    ys = [num(p["value"]) for p in pts]
+    errors = [tuple((p.get("ci95") or [None, None])[:2]) for p in pts]
+    metric = app["metric"]
+
+    def what(p: dict[str, Any]) -> str:
+        return f"{p['kept_per_layer']} experts per MoE layer, {p['params']:,} parameters"
+
+    titles = [f"{what(p)}: {metric} {num(p['value']):.4f} (95 % CI {_num(lo, '{:.3f}')}-{_num(hi, '{:.3f}')}), "
+              f"{_num(p.get('latency_ms'), '{:.2f}')} ms" for p, (lo, hi) in zip(pts, errors, strict=True)]
+    series = [Series(f"sweep ({sw['strategy']} ranking)", xs, ys, VARIANT_COLORS["pruned"], markers=True,
+                     point_titles=titles, errors=errors)]
+    ref, tol = (sw.get("reference") or {}).get("value"), sw.get("tolerance")
+    if isinstance(ref, (int, float)) and isinstance(tol, (int, float)) and math.isfinite(ref):
+        series.append(Series(f"full group - gate.tolerance ({tol:g})", [min(xs), max(xs)], [ref - tol] * 2,
+                             "#7f7f7f", "4 3"))
+    marks = []
+    registered = _by_version(app, app["champion"]) or (app["versions"][0] if app["versions"] else None)
+    for i, p in enumerate(pts):
+        if registered is not None and registered["params"] is not None and round(registered["params"]) == p["params"]:
+            role = ", ".join(registered["aliases"]) or "no alias"
+            marks.append(Mark(xs[i], ys[i], f"registered: v{registered['version']} ({role}) · {what(p)}", "ring",
+                              "#1a7f37"))
+        if i == sw.get("chosen"):
+            marks.append(Mark(xs[i], ys[i], f"chosen by the sweep (smallest within tolerance) · {what(p)}", "diamond",
+                              "#9467bd"))
+    chart = line_chart(series, "parameters (millions, task model)", f"{metric}, test split", f"{app['name']}: "
+                       f"{metric} by size", marks, y_range=(0.0, 1.0))
+    return (f'<h4>Accuracy–size curve</h4><div class="sweep" data-app="{escape(app["name"])}">{chart}</div>'
+            '<div class="small muted">one point per number of experts kept per MoE layer, fine-tuned and evaluated '
+            "with the same budget, seeds and split · whiskers: bootstrap 95 % CI · ring: the registered model · "
+            f"diamond: the sweep's choice · from {escape(sw['source'])}</div>")
+
+
 def _card(d: dict[str, Any], app: dict[str, Any]) -> str:
     name = app["name"]
     mods = "".join(f'<span class="badge">{escape(m)}</span>' for m in app["modalities"])
@@ -200,7 +244,7 @@ def _card(d: dict[str, Any], app: dict[str, Any]) -> str:
     out.append("</div>")
     if latest is None:
         out.append('<p class="empty">No model registered for this application yet. The next `mapex retrain` '
-                   "registers one.</p></article>")
+                   f"registers one.</p>{_sweep_chart(app)}</article>")
         return "".join(out)
     full, pruned = latest["params_full"], latest["params"]
     share = f" ({1 - pruned / full:.0%} fewer)" if full and pruned else ""
@@ -228,6 +272,7 @@ def _card(d: dict[str, Any], app: dict[str, Any]) -> str:
     out.append("</dl>")
     out.append(f"<h4>{escape(app['metric'])} across retrains</h4>{_history_chart(app)}")
     out.append(f"<h4>Latest evaluation: pruned vs unpruned vs from scratch</h4>{_evaluation_chart(app)}")
+    out.append(_sweep_chart(app))
     rows = "".join(
         f"<tr><td>v{escape(v['version'])}</td><td>{escape(v['created'] or '–')}</td>"
         f"<td class=\"num\">{_num(v['metric_value'], '{:.3f}')}</td><td class=\"num\">{_num(v['params'])}</td>"
@@ -348,6 +393,9 @@ def _data(d: dict[str, Any], out_dir: Path, root: Path) -> str:
 
 def render(d: dict[str, Any], out_dir: str | Path, root: str | Path = ".") -> str:
     """The page for :func:`~mapex_core.dashboard.collect.collect`'s ``d``; relative links point from ``out_dir``."""
+    # the ablation section draws with this module's helpers: imported here, once this module is loaded
+    from mapex_core.dashboard.ablation import ablation_section
+
     out_dir, root = Path(out_dir).resolve(), Path(root).resolve()
     if d["apps"]:
         cards = '<div class="cards">' + "".join(_card(d, a) for a in d["apps"]) + "</div>"
@@ -368,10 +416,11 @@ def render(d: dict[str, Any], out_dir: str | Path, root: str | Path = ".") -> st
 <header class="top"><h1>MAPEX: per-task models</h1>
 <p>Generated {escape(d['generated'])} · code <code>{_short(d['git_sha'])}</code> · tracking
 <code>{escape(d['tracking_uri'])}</code> · {ui_note}</p>
-<nav><a href="#apps">Applications</a><a href="#experts">Expert usage</a><a href="#pretrain">Pre-training</a>
+<nav><a href="#apps">Applications</a><a href="#ablations">Ablations</a><a href="#experts">Expert usage</a><a href="#pretrain">Pre-training</a>
 <a href="#data">Data</a></nav></header>
 <main>
 <section id="apps"><h2>Applications</h2>{cards}</section>
+<section id="ablations"><h2>Ablations</h2>{ablation_section(d)}</section>
 <section id="experts"><h2>Expert usage of the pre-trained model</h2>{_expert_usage(d)}</section>
 <section id="pretrain"><h2>Pre-training</h2>{_pretrain(d)}</section>
 <section id="data"><h2>Data</h2>{_data(d, out_dir, root)}</section>

@@ -13,6 +13,19 @@ same grid.
   ``s1_name``.
 
 Spatial blocks for the split are Sentinel-2 tiles: patches of one tile never straddle splits.
+
+**Official v1 splits.** When the official lists are given, v1 uses them instead of the hashed
+tile split, so that results compare with published ones: ``train.csv``, ``val.csv`` and
+``test.csv`` (one patch name per line, or ``S2 name,S1 name`` rows as BigEarthNet-MM ships them),
+and the exclusion lists ``patches_with_cloud_and_shadow.csv`` and
+``patches_with_seasonal_snow.csv`` (optional). They are looked for in ``data.split_lists``
+(``--split-lists DIR``) when set, else in the source folder, else in its ``splits/`` folder.
+Excluded patches and patches no split list names are left out (counted in the ingestion
+summary's ``layout_notes``).
+
+**Radiometry.** A v1 S2 patch comes from the L1C product named in its json's ``tile_source``
+(``..._N0205_...``): that product name is passed on (``extra``) for the processing-baseline rule of
+:mod:`mapex_core.data.radiometry`.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import numpy as np
 
 from mapex_core.data.labels import LabelSource
 from mapex_core.data.sample import Sample
-from mapex_core.data.scenes import ModalitySource, SceneSpec, load_scene
+from mapex_core.data.scenes import ModalitySource, SceneList, SceneSpec, load_scene
 from mapex_core.modalities import get_modality
 
 _TILE = re.compile(r"_T(\d{2}[A-Z]{3})_")
@@ -202,12 +215,98 @@ def pair_spec(s1_dir: Path | None, s2_dir: Path) -> SceneSpec:
                              multihot=labels_to_multihot(list(meta["labels"]), source=str(metas[0])))
     time = str(meta.get("acquisition_date", meta.get("acquisition_time", ""))).replace(" ", "T")
     group = _tile(str(meta.get("tile_source", "")), s2_dir.name)
-    return SceneSpec(name=s2_dir.name, sources=sources, labels=labels, group=group, time=time)
+    extra = {"s2:product": str(meta["tile_source"])} if meta.get("tile_source") else {}
+    return SceneSpec(name=s2_dir.name, sources=sources, labels=labels, group=group, time=time, extra=extra)
 
 
-def v1_scenes(root: str | Path) -> list[SceneSpec]:
-    """Every BigEarthNet v1 patch under ``root``."""
-    return [pair_spec(s1, s2) for s1, s2 in find_pairs(root)]
+SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+EXCLUSION_FILES = ("patches_with_cloud_and_shadow.csv", "patches_with_seasonal_snow.csv")
+
+
+def find_split_lists(root: str | Path, folder: str | Path | None = None) -> Path | None:
+    """The folder of the official split lists: ``folder`` when given, else ``root`` or ``root/splits``
+    when it holds ``train.csv``; ``None`` when there are none (the hashed tile split applies).
+
+    Raises:
+        FileNotFoundError: a given ``folder`` without all three lists, or a found folder that lacks one
+            (names the folder and the missing files).
+    """
+    candidates = [Path(folder)] if folder is not None else [Path(root), Path(root) / "splits"]
+    for cand in candidates:
+        present = [n for n in SPLIT_FILES.values() if (cand / n).is_file()]
+        if folder is None and "train.csv" not in present:
+            continue
+        missing = [n for n in SPLIT_FILES.values() if n not in present]
+        if missing:
+            raise FileNotFoundError(f"{cand}: BigEarthNet split list(s) {', '.join(missing)} not found (the official "
+                                    f"splits need {', '.join(SPLIT_FILES.values())})")
+        return cand
+    return None
+
+
+def _list_names(path: Path) -> list[str]:
+    """Every comma-separated field of a list file (a header or an unknown name matches no patch)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the BigEarthNet list: {exc}") from exc
+    return [f.strip().strip('"') for line in text.splitlines() for f in line.split(",") if f.strip()]
+
+
+def read_split_lists(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``(patch -> split, patch -> exclusion list file)`` of the official lists in ``folder``.
+
+    Raises:
+        ValueError: a patch in two split lists (names both files).
+    """
+    split: dict[str, str] = {}
+    where: dict[str, Path] = {}
+    for name, file in SPLIT_FILES.items():
+        path = folder / file
+        for patch in _list_names(path):
+            if patch in split and split[patch] != name:
+                raise ValueError(f"{where[patch]} and {path}: patch {patch} is in two split lists")
+            split[patch], where[patch] = name, path
+    excluded = {patch: file for file in EXCLUSION_FILES if (folder / file).is_file()
+                for patch in _list_names(folder / file)}
+    return split, excluded
+
+
+def v1_scenes(root: str | Path, split_lists: str | Path | None = None) -> SceneList:
+    """Every BigEarthNet v1 patch under ``root``; with the official split lists (see the module
+    docstring), the listed ones with their split, excluded patches left out.
+
+    Raises:
+        FileNotFoundError / ValueError: missing patches or lists, unreadable lists (named); lists that
+            name none of the patches.
+    """
+    pairs = find_pairs(root)
+    specs = [pair_spec(s1, s2) for s1, s2 in pairs]
+    folder = find_split_lists(root, split_lists)
+    if folder is None:
+        return SceneList(specs)
+    split, excluded = read_split_lists(folder)
+    kept: list[SceneSpec] = []
+    dropped: dict[str, int] = {}
+    unlisted = 0
+    for spec, (s1, s2) in zip(specs, pairs, strict=True):
+        names = [s2.name] + ([s1.name] if s1 is not None else [])
+        why = next((excluded[n] for n in names if n in excluded), None)
+        if why is not None:
+            dropped[why] = dropped.get(why, 0) + 1
+            continue
+        chosen = next((split[n] for n in names if n in split), None)
+        if chosen is None:
+            unlisted += 1
+            continue
+        spec.split = chosen
+        kept.append(spec)
+    if not kept:
+        raise ValueError(f"{folder}: the BigEarthNet split lists name none of the {len(specs)} patches under {root} "
+                         f"(excluded: {sum(dropped.values())}, not listed: {unlisted})")
+    counts = {k: sum(1 for s in kept if s.split == k) for k in SPLIT_FILES}
+    return SceneList(kept, {"split_lists": str(folder), "splits": counts, "excluded": dropped,
+                            "not_in_split_lists": unlisted})
 
 
 def read_pair(s1_dir: Path | None, s2_dir: Path) -> Sample:

@@ -19,13 +19,23 @@ import xarray as xr
 from torch.utils.data import Dataset
 
 from mapex_core.data.sampling import SPLITS
+from mapex_core.data.shards import ShardReader
 from mapex_core.data.statistics import check_statistics
-from mapex_core.data.store import FORMAT, META_COLUMNS
+from mapex_core.data.store import FORMAT, META_COLUMNS, open_dataset
 
 
 def _strings(da: xr.DataArray) -> np.ndarray:
     """A string variable as an object array of ``str`` (zarr returns numpy StringDType)."""
     return np.array([str(v) for v in da.values], dtype=object)
+
+
+def chip_array(path: Path, ds: xr.Dataset, name: str, load: bool) -> Any:
+    """A chip array of the store at ``path``: in RAM (``load``), else read a chip at a time; a sharded
+    array (format version 2) through :class:`~mapex_core.data.shards.ShardReader`, others through xarray."""
+    reader = ShardReader.open(path / name)
+    if reader is None:
+        return ds[name].values if load else ds[name].variable
+    return reader.read_all() if load else reader
 
 class ChipStore(Dataset):
     """A chip store opened for reading: a torch ``Dataset`` of dict samples.
@@ -54,7 +64,8 @@ class ChipStore(Dataset):
                                   np.float32)[:, None, None] for m in modalities}
         cols = [self.stored_modalities.index(m) for m in modalities]
         self.present = np.asarray(ds["present"].values)[indices][:, cols]  # (N, M)
-        self.labels = np.asarray(ds["labels"].values)[indices] if "labels" in ds else None
+        labels = chip_array(path, ds, "labels", load=True) if "labels" in ds else None
+        self.labels = np.asarray(labels)[indices] if labels is not None else None
         self.class_names = [str(c) for c in ds["class"].values] if "class" in ds.coords else None
         self.label_type = str(ds.attrs.get("label_type", "none"))
 
@@ -93,7 +104,7 @@ class ChipStore(Dataset):
         if not path.exists():
             raise FileNotFoundError(f"{path}: chip store not found")
         try:
-            ds = xr.open_zarr(path, consolidated=True, chunks=None)
+            ds = open_dataset(path)
         except Exception as exc:  # zarr raises several types for a non-store directory
             raise ValueError(f"{path}: not a readable chip store: {exc}") from exc
         if ds.attrs.get("format") != FORMAT:
@@ -117,7 +128,7 @@ class ChipStore(Dataset):
         indices = np.flatnonzero(keep)
         nbytes = sum(ds[m].nbytes for m in mods)
         load = in_memory if in_memory is not None else nbytes <= max_memory_bytes
-        arrays = {m: (ds[m].values if load else ds[m].variable) for m in mods}
+        arrays = {m: chip_array(path, ds, m, load) for m in mods}
         return cls(path, ds, mods, indices, normalize, arrays, normalization)
 
     def __len__(self) -> int:
@@ -125,7 +136,7 @@ class ChipStore(Dataset):
 
     def _read(self, m: str, j: int) -> np.ndarray:
         a = self._arrays[m]
-        return np.asarray(a[j] if isinstance(a, np.ndarray) else a[j].values, dtype=np.float32)
+        return np.asarray(a[j] if isinstance(a, np.ndarray | ShardReader) else a[j].values, dtype=np.float32)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.indices[i])
@@ -185,7 +196,7 @@ class ChipStore(Dataset):
         for col in ("chip_id", "split", "content_hash"):
             h.update("\x1f".join(_strings(self.ds[col])).encode())
         if "labels" in self.ds:
-            h.update(np.ascontiguousarray(self.ds["labels"].values).tobytes())
+            h.update(np.ascontiguousarray(chip_array(self.path, self.ds, "labels", load=True)).tobytes())
         return h.hexdigest()
 
     def presence_patterns(self) -> dict[tuple, list[int]]:
@@ -225,8 +236,12 @@ class ConcatStores(Dataset):
         return groups
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of items that share the same present modalities."""
+    """Stack a list of items that share the same present modalities.
+
+    The copy is numpy's (one thread): ``torch.stack`` spreads it over torch's intra-op threads, which on a
+    busy CPU is tens of times slower for a batch of 64 S1+S2 chips (``bench/scale.py``, BENCHMARKS.md).
+    """
     keys = [k for k in items[0] if k != "index"]
-    out: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in keys}
+    out: dict[str, Any] = {k: torch.from_numpy(np.stack([it[k].numpy() for it in items])) for k in keys}
     out["index"] = torch.tensor([it["index"] for it in items])
     return out

@@ -12,11 +12,23 @@ layout             what it reads
                    ``<scene>/<modality>.<ext>``; labels ``<scene>_labels.tif`` or a vector
                    file given with ``labels=``
 ``stac``           a local STAC catalog (``catalog.json``): one item per scene, assets keyed by
-                   modality (multi-band) or band name, optional ``labels`` asset; links are
-                   followed without recursion into pystac (cycles and nesting deeper than
-                   :data:`MAX_STAC_DEPTH` are errors), and assets and linked files must lie
-                   under the catalog's folder unless ``allow_outside_paths``
+                   modality (multi-band) or band name, optional ``labels`` asset; or items as
+                   public catalogs publish them (Earth Search, Planetary Computer): one item
+                   per sensor and acquisition, band assets keyed by common name (``red``,
+                   ``nir08``, ``swir16``), lower-case ``vv``/``vh`` or described by
+                   ``eo:bands``/``bands``, Sentinel-1 and Sentinel-2 items paired by footprint
+                   overlap and time (:func:`stac_scenes`); links are followed without
+                   recursion into pystac (cycles and nesting deeper than
+                   :data:`MAX_STAC_DEPTH` are errors), and the assets read and linked files
+                   must lie under the catalog's folder unless ``allow_outside_paths``
 =================  ===========================================================================
+
+A layout returns a :class:`~mapex_core.data.scenes.SceneList`: the scenes, and notes on what it
+left out or paired (BigEarthNet v1 with the official split lists, paired STAC items).
+
+Why this module is long: one finder per layout, and STAC takes three quarters of it: catalogs are
+walked without recursion and confined to their folder, and items are read both as MAPEX writes them
+and as public catalogs publish them (asset keys, band objects, radiometry properties, pairing).
 
 Two files for one band, modality or label of a scene are an error naming both, in every layout.
 
@@ -31,10 +43,11 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mapex_core.data import bigearthnet
 from mapex_core.data.labels import LabelSource, vector_classes
-from mapex_core.data.scenes import ModalitySource, SceneSpec
+from mapex_core.data.scenes import ModalitySource, SceneList, SceneSpec
 from mapex_core.modalities import MODALITIES
 
 RASTER_EXTS = (".tif", ".tiff", ".jp2", ".vrt")
@@ -165,6 +178,8 @@ def folder_scenes(root: Path, labels: Path | None = None, label_attribute: str |
 
 # ----- STAC -------------------------------------------------------------------------------
 MAX_STAC_DEPTH = 32  # catalog nesting followed at most (real catalogs nest a few levels)
+PAIR_DAYS = 7.0  # days between paired Sentinel-1 and Sentinel-2 items, at most (S1 revisits a place in 6-12 days)
+PAIR_OVERLAP = 0.5  # share of the optical item's footprint the radar item's must cover, at least
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -236,9 +251,258 @@ def _stac_items(catalog_path: Path, allow_outside_paths: bool = False,
     return items
 
 
+def _band_lookup() -> dict[str, list[tuple[str, str]]]:
+    """Lower-case asset key or band name -> the ``(modality, band)`` it can be: band names, the asset
+    keys public catalogs use, and STAC common names that name one band of a sensor (``red``, ``nir08``,
+    ``swir16``; not ``rededge``, which three Sentinel-2 bands share)."""
+    table: dict[str, list[tuple[str, str]]] = {}
+    for m, spec in MODALITIES.items():
+        commons = [b.common_name for b in spec.bands if b.common_name]
+        for b in spec.bands:
+            keys = {b.name.lower(), *(a.lower() for a in b.aliases)}
+            if b.common_name and commons.count(b.common_name) == 1:
+                keys.add(b.common_name.lower())
+            for k in sorted(keys):
+                table.setdefault(k, []).append((m, b.name))
+    return table
+
+
+def _band_objects(asset: Any) -> list[dict[str, Any]]:
+    """The band objects of an asset: STAC 1.1 ``bands``, else ``eo:bands``."""
+    fields = asset.extra_fields
+    for key in ("bands", "eo:bands"):
+        if isinstance(fields.get(key), list):
+            return [b for b in fields[key] if isinstance(b, dict)]
+    return []
+
+
+def _asset_candidates(key: str, asset: Any, lookup: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """What ``(modality, band)`` an asset can hold: by its key, else by its one band object's
+    ``name`` or ``common_name`` / ``eo:common_name``."""
+    found = list(lookup.get(key.lower(), []))
+    if found:
+        return found
+    objects = _band_objects(asset)
+    if len(objects) != 1:
+        return []
+    obj = objects[0]
+    for name in (obj.get("name"), obj.get("common_name"), obj.get("eo:common_name")):
+        if isinstance(name, str) and name.lower() in lookup:
+            return list(lookup[name.lower()])
+    return []
+
+
+def _raster_fields(asset: Any) -> dict[str, Any]:
+    """``offset``, ``scale`` and ``unit`` of an asset's (first) band: ``raster:bands`` (STAC 1.0) or
+    ``bands`` with ``raster:``-prefixed or plain fields (STAC 1.1)."""
+    fields = asset.extra_fields
+    raster = fields.get("raster:bands")
+    band = raster[0] if isinstance(raster, list) and raster and isinstance(raster[0], dict) else None
+    if band is None:
+        objects = _band_objects(asset)
+        band = objects[0] if objects else {}
+    out = {}
+    for name in ("offset", "scale", "unit"):
+        value = band.get(name, band.get(f"raster:{name}", fields.get(f"raster:{name}")))
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _local_asset(where: str, key: str, asset: Any, folder: Path, allow_outside_paths: bool) -> Path:
+    """The local file of an asset the scene reads.
+
+    Raises:
+        LayoutError: a remote href, a missing file, or a file outside the catalog's folder.
+    """
+    href = asset.get_absolute_href() or asset.href
+    if href.startswith("file://"):
+        href = href[len("file://"):]
+    elif "://" in href:
+        raise LayoutError(f"{where}: asset {key!r} is remote ({href}); only local files are read (download the "
+                          f"assets next to the catalog)")
+    path = Path(href)
+    if not path.is_file():
+        raise LayoutError(f"{where}: asset {key!r} file {path} not found")
+    if not allow_outside_paths and not _inside(path, folder):
+        raise LayoutError(f"{where}: asset {key!r} file {path} is outside the catalog's folder {folder} "
+                          f"(--allow-outside-paths, or data.allow_outside_paths, reads it)")
+    return path
+
+
+PRODUCT_METADATA_ASSETS = ("product_metadata", "product-metadata")  # Earth Search / Planetary Computer keys
+
+
+def _mgrs_tile(props: dict[str, Any]) -> str | None:
+    """The MGRS tile (``T33UUP``) of a Sentinel-2 item: ``s2:mgrs_tile``, or the ``mgrs`` extension."""
+    if props.get("s2:mgrs_tile"):
+        return f"T{str(props['s2:mgrs_tile']).removeprefix('T')}"
+    parts = [props.get(k) for k in ("mgrs:utm_zone", "mgrs:latitude_band", "mgrs:grid_square")]
+    if all(p is not None for p in parts):
+        return f"T{int(parts[0]):02d}{parts[1]}{parts[2]}"
+    return None
+
+
+class _Found:
+    """One item, read: its modalities, labels, what it says about radiometry, footprint and time."""
+
+    def __init__(self, item: Any, spec: SceneSpec, geometry: Any, when: Any) -> None:
+        self.item, self.spec, self.geometry, self.when = item, spec, geometry, when
+
+    @property
+    def modality(self) -> str | None:
+        """Its one imagery modality, or ``None`` when it has several."""
+        return next(iter(self.spec.sources)) if len(self.spec.sources) == 1 else None
+
+
+def _read_item(item: Any, where: str, folder: Path, lookup: dict[str, list[tuple[str, str]]],
+               classes: list[str] | None, label_attribute: str | None, allow_outside_paths: bool) -> SceneSpec:
+    """The :class:`SceneSpec` of one item (see :func:`stac_scenes`)."""
+    sources: dict[str, ModalitySource] = {}
+    candidates: dict[str, list[tuple[str, str]]] = {}
+    for key, asset in item.assets.items():
+        if key in MODALITIES:
+            sources[key] = ModalitySource(key, [_local_asset(where, key, asset, folder, allow_outside_paths)])
+        elif key != "labels" and key not in PRODUCT_METADATA_ASSETS:
+            found = _asset_candidates(key, asset, lookup)
+            if found:
+                candidates[key] = found
+    extra: dict[str, str] = {}
+    remaining = dict(candidates)
+    while remaining:  # the largest sensor whose every band is there, then the next one from the other assets
+        covered: dict[str, dict[str, str]] = {}  # modality -> band -> asset key
+        for key, found in remaining.items():
+            for m, band in found:
+                if band in covered.setdefault(m, {}):
+                    raise LayoutError(f"{where}: assets {covered[m][band]!r} and {key!r} are both band {band} of "
+                                      f"{m}; keep one")
+                covered[m][band] = key
+        complete = [m for m in MODALITIES if len(covered.get(m, {})) == MODALITIES[m].num_bands]
+        modality = max(complete, key=lambda m: MODALITIES[m].num_bands, default=None)  # s2l1c (13) over s2 (12)
+        partial = max((m for m in covered if m not in complete), key=lambda m: len(covered[m]), default=None)
+        if partial is not None and len(covered[partial]) > (MODALITIES[modality].num_bands if modality else 0):
+            # most of a larger sensor's bands (an S2 item without one band is not an RGB scene)
+            missing = [b for b in MODALITIES[partial].band_names if b not in covered[partial]]
+            raise LayoutError(f"{where}: band assets {sorted(remaining)} match no sensor completely: they hold "
+                              f"{len(covered[partial])} of the {MODALITIES[partial].num_bands} bands of {partial} "
+                              f"(missing {', '.join(missing)})")
+        if modality is None:
+            if remaining == candidates:
+                raise LayoutError(f"{where}: band assets {sorted(candidates)} match no sensor completely; known: "
+                                  f"{{{', '.join(f'{k}: {v.band_names}' for k, v in MODALITIES.items())}}}")
+            break  # assets that only look like bands of another sensor (a lone 'red'): not read
+        if modality in sources:
+            raise LayoutError(f"{where}: modality {modality} given twice (asset {modality!r} and band assets "
+                              f"{sorted(covered[modality].values())}); keep one")
+        keys = [covered[modality][b] for b in MODALITIES[modality].band_names]
+        sources[modality] = ModalitySource(modality, [_local_asset(where, k, item.assets[k], folder,
+                                                                   allow_outside_paths) for k in keys])
+        offsets = {}
+        for band, key in zip(MODALITIES[modality].band_names, keys, strict=True):
+            f = _raster_fields(item.assets[key])
+            if f.get("offset") and f.get("scale"):
+                offsets[band] = -float(f["offset"]) / float(f["scale"])
+            if f.get("unit"):
+                extra[f"{modality}:stac:unit"] = str(f["unit"])
+        if offsets:
+            extra[f"{modality}:stac:raster_offsets"] = json.dumps(offsets, sort_keys=True)
+        remaining = {k: v for k, v in remaining.items() if k not in keys}
+    if not sources:
+        raise LayoutError(f"{where}: no asset named after a modality ({', '.join(MODALITIES)}), a band or a band's "
+                          f"common name")
+    for m in sources:
+        for key in PRODUCT_METADATA_ASSETS:
+            if key in item.assets:
+                extra[f"{m}:product_metadata"] = str(_local_asset(where, key, item.assets[key], folder,
+                                                                  allow_outside_paths))
+    props = item.properties
+    if "s2:processing_baseline" in props:
+        extra.update({f"{m}:stac:processing_baseline": str(props["s2:processing_baseline"]) for m in sources})
+    if "earthsearch:boa_offset_applied" in props:
+        extra.update({f"{m}:stac:boa_offset_applied": str(props["earthsearch:boa_offset_applied"]).lower()
+                      for m in sources})
+    extra.update({f"{m}:product": str(props.get("s2:product_uri") or item.id) for m in sources})
+    label_src = None
+    if "labels" in item.assets:
+        lp = _local_asset(where, "labels", item.assets["labels"], folder, allow_outside_paths)
+        if lp.suffix.lower() in VECTOR_EXTS:
+            if label_attribute is None:
+                raise LayoutError(f"{where}: vector labels need a class attribute (--label-attribute)")
+            label_src = LabelSource("vector", classes or vector_classes(lp, label_attribute),
+                                    path=lp, attribute=label_attribute)
+        else:
+            if not classes:
+                raise LayoutError(f"{where}: mask labels need class names (--classes)")
+            label_src = LabelSource("mask", classes, path=lp)
+    time = item.datetime.isoformat() if item.datetime else ""
+    return SceneSpec(name=item.id, sources=sources, labels=label_src, group=_mgrs_tile(props) or item.id, time=time,
+                     extra=extra)
+
+
+def _pair(found: list[_Found], pair_days: float, pair_overlap: float) -> tuple[list[SceneSpec], dict[str, Any]]:
+    """Single-modality items paired into multi-modal scenes (see :func:`stac_scenes`)."""
+    from shapely import STRtree
+
+    kinds = {f.item.id: MODALITIES[f.modality].kind if f.modality else None for f in found}
+    anchors = [f for f in found if kinds[f.item.id] == "optical" and f.geometry is not None and f.when is not None]
+    partners = [f for f in found if kinds[f.item.id] == "sar" and f.spec.labels is None
+                and f.geometry is not None and f.when is not None]
+    if not anchors or not partners:
+        return [f.spec for f in found], {}
+    tree = STRtree([p.geometry for p in partners])
+    used: set[str] = set()
+    paired: dict[str, SceneSpec] = {}
+    for a in anchors:
+        best = None
+        area = a.geometry.area
+        for i in tree.query(a.geometry):
+            p = partners[int(i)]
+            days = abs((a.when - p.when).total_seconds()) / 86400
+            if days > pair_days or not area:
+                continue
+            share = a.geometry.intersection(p.geometry).area / area
+            if share < pair_overlap:
+                continue
+            key = (-share, days, p.item.id)
+            if best is None or key < best[0]:
+                best = (key, p)
+        if best is None:
+            continue
+        p = best[1]
+        used.add(p.item.id)
+        paired[a.item.id] = SceneSpec(
+            name=a.spec.name, sources={**a.spec.sources, **p.spec.sources}, labels=a.spec.labels,
+            group=a.spec.group, time=a.spec.time,
+            extra={**a.spec.extra, **p.spec.extra, "s1_item": p.item.id, "pair_overlap": f"{-best[0][0]:.4f}",
+                   "pair_days": f"{best[0][1]:.4f}"})
+    specs = [paired.get(f.item.id, f.spec) for f in found if f.item.id not in used]
+    notes = {"pairs": len(paired), "unpaired_optical": len(anchors) - len(paired),
+             "unpaired_sar": len(partners) - len(used), "pair_days": pair_days, "pair_overlap": pair_overlap}
+    return specs, notes
+
+
 def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: str | None = None,
-                allow_outside_paths: bool = False, **_: object) -> list[SceneSpec]:
-    """Items of a local STAC catalog; asset keys name a modality or a band, ``labels`` the labels.
+                allow_outside_paths: bool = False, pair_days: float = PAIR_DAYS,
+                pair_overlap: float = PAIR_OVERLAP, **_: object) -> SceneList:
+    """Items of a local STAC catalog, as MAPEX writes them or as public catalogs publish them.
+
+    An item's imagery is an asset keyed by a modality (multi-band), or one asset per band keyed by
+    the band's name (``B04``, ``vv``: any case), the key public catalogs use (``red``, ``nir08``,
+    ``swir16``, ``rededge1``) or described by one ``eo:bands`` / ``bands`` object (its ``name`` or
+    common name); the sensor is the one whose every band is there (``s2l1c`` over ``s2`` when B10 is
+    too). Other assets (thumbnails, ``visual``, ``scl``) are not read. ``labels`` is the labels asset.
+
+    Items with one modality each (public catalogs: one item per sensor and acquisition) are paired:
+    an optical item (Sentinel-2) takes the radar item (Sentinel-1) whose footprint covers at least
+    ``pair_overlap`` of its own (areas in the items' lon/lat geometry) and whose time is at most
+    ``pair_days`` away; the largest overlap wins, then the nearest time, then the smaller id. A radar
+    item may pair with several optical items; items left unpaired stay scenes of their own. A paired
+    scene has the optical item's id, time and labels.
+
+    What the items say about radiometry (``s2:processing_baseline``, ``s2:product_uri``,
+    ``earthsearch:boa_offset_applied``, ``raster:bands`` offset/scale and unit, a
+    ``product_metadata`` asset) goes to :attr:`SceneSpec.extra` for
+    :mod:`mapex_core.data.radiometry`; the spatial block is the MGRS tile when the item names it.
 
     Args:
         root: the catalog (``catalog.json``) or its folder.
@@ -246,13 +510,17 @@ def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: s
         label_attribute: the class column of vector labels.
         allow_outside_paths: read assets (and follow links) outside the catalog's folder; by
             default a catalog can only make ingestion read files under its own folder.
+        pair_days: the most days between paired items (``data.stac_pair_days``).
+        pair_overlap: the least share of the optical footprint the radar footprint covers
+            (``data.stac_pair_overlap``).
 
     Raises:
-        LayoutError: link cycles, too deep nesting, files outside the catalog's folder, missing or
-            unreadable files, items without imagery (each names the catalog or the file).
+        LayoutError: link cycles, too deep nesting, files outside the catalog's folder, remote,
+            missing or unreadable files, items without imagery (each names the catalog or the file).
     """
     import pystac
     from pystac.errors import STACError
+    from shapely.geometry import shape
 
     catalog_path = root / "catalog.json" if root.is_dir() else root
     item_files = _stac_items(catalog_path, allow_outside_paths)
@@ -275,57 +543,27 @@ def stac_scenes(root: Path, classes: list[str] | None = None, label_attribute: s
             raise LayoutError(f"{by_id[item.id]} and {f}: two STAC items with the id {item.id!r}")
         by_id[item.id] = f
     items.sort(key=lambda i: i.id)
-    all_bands = {b: m for m, spec in MODALITIES.items() for b in spec.band_names}
-    specs = []
+    lookup = _band_lookup()
+    found = []
     for item in items:
         where = f"{catalog_path} item {item.id!r}"
-        hrefs = {}
-        for key, asset in item.assets.items():
-            path = Path(asset.get_absolute_href() or asset.href)
-            if not path.is_file():
-                raise LayoutError(f"{where}: asset {key!r} file {path} not found")
-            if not allow_outside_paths and not _inside(path, folder):
-                raise LayoutError(f"{where}: asset {key!r} file {path} is outside the catalog's folder {folder} "
-                                  f"(--allow-outside-paths, or data.allow_outside_paths, reads it)")
-            hrefs[key] = path
-        sources: dict[str, ModalitySource] = {}
-        band_assets: dict[str, dict[str, Path]] = {}
-        for key, path in hrefs.items():
-            if key in MODALITIES:
-                sources[key] = ModalitySource(key, [path])
-            elif key in all_bands:
-                band_assets.setdefault("bands", {})[key] = path
-        if band_assets:
-            bands = band_assets["bands"]
-            modality = _band_modality(set(bands))
-            if modality is None:
-                raise LayoutError(f"{where}: band assets {sorted(bands)} match no sensor")
-            if modality in sources:
-                raise LayoutError(f"{where}: modality {modality} given twice (asset {modality!r} and band assets "
-                                  f"{sorted(bands)}); keep one")
-            sources[modality] = ModalitySource(modality, [bands[b] for b in MODALITIES[modality].band_names])
-        if not sources:
-            raise LayoutError(f"{where}: no asset named after a modality ({', '.join(MODALITIES)}) or a band")
-        label_src = None
-        if "labels" in hrefs:
-            lp = hrefs["labels"]
-            if lp.suffix.lower() in VECTOR_EXTS:
-                if label_attribute is None:
-                    raise LayoutError(f"{where}: vector labels need a class attribute (--label-attribute)")
-                label_src = LabelSource("vector", classes or vector_classes(lp, label_attribute),
-                                        path=lp, attribute=label_attribute)
-            else:
-                if not classes:
-                    raise LayoutError(f"{where}: mask labels need class names (--classes)")
-                label_src = LabelSource("mask", classes, path=lp)
-        time = item.datetime.isoformat() if item.datetime else ""
-        specs.append(SceneSpec(name=item.id, sources=sources, labels=label_src, group=item.id, time=time))
-    return specs
+        spec = _read_item(item, where, folder, lookup, classes, label_attribute, allow_outside_paths)
+        geometry = None
+        if item.geometry:
+            try:
+                geometry = shape(item.geometry)
+                geometry = geometry if geometry.is_valid else geometry.buffer(0)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise LayoutError(f"{by_id[item.id]}: item {item.id!r} has an unreadable geometry: {exc}") from exc
+        when = item.datetime or item.common_metadata.start_datetime
+        found.append(_Found(item, spec, geometry, when))
+    specs, notes = _pair(found, pair_days, pair_overlap)
+    return SceneList(specs, notes)
 
 
 # ----- registry ---------------------------------------------------------------------------
 LAYOUTS: dict[str, Callable[..., list[SceneSpec]]] = {
-    "bigearthnet": lambda root, **_: bigearthnet.v1_scenes(root),
+    "bigearthnet": lambda root, split_lists=None, **_: bigearthnet.v1_scenes(root, split_lists),
     "bigearthnet2": lambda root, **_: bigearthnet.v2_scenes(root),
     "sen1floods11": sen1floods11_scenes,
     "scenes": folder_scenes,

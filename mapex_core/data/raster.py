@@ -223,6 +223,15 @@ def reference_grid(grids: list[Grid], crs: str | None = None, resolution: float 
     return Grid(CRS.from_user_input(dst).to_wkt(), (t.a, t.b, t.c, t.d, t.e, t.f), (int(height), int(width)))
 
 
+def read_masked(da: xr.DataArray, path: str | Path, nodata: float | None = None) -> np.ndarray:
+    """:func:`read_values`, with ``nodata`` (the sensor's nodata value, for files that do not
+    declare one) also turned into NaN: ``(bands, h, w) float32`` on the file's own grid."""
+    values = read_values(da, path)
+    if nodata is not None and not np.isnan(nodata):
+        values[values == nodata] = np.nan
+    return values
+
+
 def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
                    resampling: Resampling = Resampling.bilinear, nodata: float | None = None) -> np.ndarray:
     """Values of ``da`` on ``grid`` as ``(bands, H, W) float32`` (NaN where there is no data).
@@ -232,9 +241,13 @@ def reproject_onto(da: xr.DataArray, grid: Grid, path: str | Path,
             nodata value, for files that do not declare one). It becomes NaN *before*
             resampling, so it is never blended into valid neighbours.
     """
-    values = read_values(da, path)
-    if nodata is not None and not np.isnan(nodata):
-        values[values == nodata] = np.nan
+    return resample_onto(da, read_masked(da, path, nodata), grid, resampling)
+
+
+def resample_onto(da: xr.DataArray, values: np.ndarray, grid: Grid,
+                  resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+    """``values`` (read from ``da``, on its grid, NaN = nodata) on ``grid`` as ``(bands, H, W) float32``;
+    ``values`` itself when ``da`` is already on ``grid``."""
     if grid_of(da).matches(grid):  # already on the grid: no resampling
         return values
     src = da.copy(data=values).rio.write_nodata(np.nan, encoded=False)

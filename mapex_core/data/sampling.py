@@ -5,6 +5,9 @@
   overlapping chips are not independent, so they must not straddle train and test.
 * :class:`PresenceBatchSampler` forms batches of chips that hold the same modalities (so they
   stack into one tensor per modality), in an order that depends only on ``(seed, epoch)``.
+
+torch is imported only when batches are drawn: ingestion (and its Dask workers) uses the splits
+without paying for it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from typing import Any
-
-import torch
-from torch.utils.data import Sampler
 
 SPLITS = ("train", "val", "test")  # a chip may also be "none": overlapping two split blocks
 
@@ -41,10 +41,11 @@ def assign_splits(groups: list[str], seed: int = 0, fractions: tuple[float, floa
     n_train = n - n_val - n_test
     return {g: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, g in enumerate(uniq)}
 
-class PresenceBatchSampler(Sampler[list[int]]):
+class PresenceBatchSampler:
     """Batches whose chips share one set of present modalities (so they stack), reshuffled per epoch.
 
-    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches. An iterable
+    of index lists: a torch ``DataLoader``'s ``batch_sampler``.
     """
 
     def __init__(self, store: Any, batch_size: int, seed: int = 0,
@@ -54,6 +55,9 @@ class PresenceBatchSampler(Sampler[list[int]]):
         self.epoch = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of ``epoch`` (index lists), in order."""
+        import torch
+
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         out: list[list[int]] = []
         for idx in self.groups:

@@ -8,27 +8,36 @@ them as :class:`SceneSpec`; :func:`load_scene` does the reading for all of them:
 3. reproject every band onto it (``reproject_match``; bilinear for continuous bands);
 4. turn nodata (declared, or the sensor's nodata value, masked before resampling) into NaN,
    the per-pixel valid mask;
-5. put the labels on the same grid: nearest for raster masks, rasterised vector polygons,
+5. harmonise radiometry on the native grid, before resampling (:mod:`mapex_core.data.radiometry`:
+   the Sentinel-2 +1000 offset of processing baseline 04.00+ removed, Sentinel-1 linear power
+   turned into dB), decided per modality from the layout's ``extra``, the files' metadata and
+   names, the acquisition time or (Sentinel-1) the first file's values;
+6. put the labels on the same grid: nearest for raster masks, rasterised vector polygons,
    or multi-label names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rasterio.enums import Resampling
 
+from mapex_core.data import radiometry
 from mapex_core.data.labels import LabelSource, load_labels
+from mapex_core.data.radiometry import Decision, FileMeta, RadiometryOptions
 from mapex_core.data.raster import (
     MAX_SCENE_PIXELS,
     Grid,
     RasterError,
     grid_of,
     open_raster,
+    read_masked,
     reference_grid,
-    reproject_onto,
+    resample_onto,
 )
 from mapex_core.data.sample import Sample
 from mapex_core.modalities import get_modality
@@ -62,6 +71,10 @@ class SceneSpec:
         group: spatial block for the split (a tile or scene); defaults to ``name``.
         split: split given by the layout (``train``/``val``/``test``), else ``None``.
         time: acquisition time (ISO 8601).
+        extra: what the layout knows besides the files, as text: per modality, STAC properties and
+            product names that decide radiometry (keys of :func:`mapex_core.data.radiometry.decide`'s
+            ``extra``), under ``<modality>:<key>`` or ``<key>`` for every modality; the partner
+            item of a paired STAC scene (``s1_item``).
     """
 
     name: str
@@ -78,6 +91,21 @@ class SceneSpec:
         if self.labels is not None and self.labels.path is not None:
             out.append(self.labels.path)
         return out
+
+    def extra_for(self, modality: str) -> dict[str, str]:
+        """:attr:`extra` as one modality sees it: ``<modality>:<key>`` entries win over ``<key>``."""
+        prefix = f"{modality}:"
+        own = {k[len(prefix):]: v for k, v in self.extra.items() if k.startswith(prefix)}
+        return {**{k: v for k, v in self.extra.items() if k.split(":", 1)[0] not in self.sources}, **own}
+
+
+class SceneList(list[SceneSpec]):
+    """The scenes a layout found (a ``list`` of :class:`SceneSpec`), with ``notes`` on what it left
+    out or how it paired items (shown in the ingestion summary)."""
+
+    def __init__(self, scenes: Iterable[SceneSpec] = (), notes: dict[str, Any] | None = None) -> None:
+        super().__init__(scenes)
+        self.notes: dict[str, Any] = dict(notes or {})
 
 
 def _check_footprints(m: str, files: list[Path], grids: list[Grid]) -> None:
@@ -100,8 +128,15 @@ def _fmt(bounds: tuple[float, ...]) -> str:
 
 
 def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None = None,
-               max_pixels: int | None = MAX_SCENE_PIXELS) -> Sample:
-    """Read and co-register one scene.
+               max_pixels: int | None = MAX_SCENE_PIXELS, radiometry_options: RadiometryOptions | None = None) -> Sample:
+    """Read, harmonise and co-register one scene (:func:`read_scene` without the radiometric decisions)."""
+    return read_scene(spec, crs, resolution, max_pixels, radiometry_options)[0]
+
+
+def read_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None = None,
+               max_pixels: int | None = MAX_SCENE_PIXELS,
+               radiometry_options: RadiometryOptions | None = None) -> tuple[Sample, dict[str, Decision]]:
+    """Read, harmonise and co-register one scene; also return the radiometric decision per modality.
 
     Every file's header is checked before any pixel is read (declared size, band count, data type:
     :func:`~mapex_core.data.raster.open_raster`), and so is the size of the scene's grid; after
@@ -113,6 +148,8 @@ def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None
         resolution: target pixel size in target-CRS units (default: the finest modality's).
         max_pixels: the most pixels a file or the scene's grid may have (``data.max_scene_pixels``);
             ``None``: no cap.
+        radiometry_options: forced radiometric choices (default: detect; see
+            :mod:`mapex_core.data.radiometry`).
 
     Raises:
         RasterError: a corrupt or missing file, a declared size over ``max_pixels``, a wrong band
@@ -144,10 +181,25 @@ def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None
                           f"than data.max_scene_pixels = {max_pixels:,} (raise it, or a coarser data.resolution)")
 
     arrays: dict[str, np.ndarray] = {}
+    decisions: dict[str, Decision] = {}
     for m, das in opened.items():
         files = spec.sources[m].files
+        names = get_modality(m).band_names
         nodata = get_modality(m).nodata
-        parts = [reproject_onto(d, grid, f, Resampling.bilinear, nodata=nodata) for d, f in zip(das, files, strict=True)]
+        parts = []
+        decision = None
+        for i, (d, f) in enumerate(zip(das, files, strict=True)):
+            values = read_masked(d, f, nodata)  # (C_file, h, w) on the file's own grid
+            if decision is None:  # the first file's values decide what a distribution rule decides
+                decision = radiometry.decide(m, files, [FileMeta.of_dataarray(x) for x in das],
+                                             extra=spec.extra_for(m), time=spec.time, values=values,
+                                             options=radiometry_options)
+            file_bands = names[i:i + 1] if len(das) > 1 else names
+            radiometry.apply(decision, values, file_bands)  # before resampling: never blended first
+            parts.append(resample_onto(d, values, grid, Resampling.bilinear))
+            del values
+        assert decision is not None
+        decisions[m] = decision
         empty = np.array([bool(np.isnan(band).all()) for part in parts for band in part])  # a band at a time
         arr = np.concatenate(parts, axis=0)  # (C, H, W), nodata as NaN
         if empty.all():
@@ -162,4 +214,4 @@ def load_scene(spec: SceneSpec, crs: str | None = None, resolution: float | None
     labels = (load_labels(spec.labels, grid, spec.name, max_pixels=max_pixels)
               if spec.labels is not None else None)
     return Sample(name=spec.name, arrays=arrays, grid=grid, labels=labels, time=spec.time,
-                  sources={m: str(s.files[0].parent) for m, s in spec.sources.items()})
+                  sources={m: str(s.files[0].parent) for m, s in spec.sources.items()}), decisions

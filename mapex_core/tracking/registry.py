@@ -15,13 +15,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +30,10 @@ from mapex_core.apps import VARIANTS
 from mapex_core.gate import gate_decision
 from mapex_core.io import file_sha256
 from mapex_core.names import check_name
-from mapex_core.tracking.served import task_contract
+from mapex_core.tracking.lock import registry_lock
+from mapex_core.tracking.served import input_example, task_contract
 from mapex_core.tracking.store import (
     EXPERIMENT,
-    STORE_DIR,
     TrackingError,
     flatten,
     log_dataset,
@@ -51,43 +48,6 @@ CHAMPION, CHALLENGER, PRETRAINED_ALIAS = "champion", "challenger", "current"
 def registered_name(app: str) -> str:
     """The registered model name of application ``app`` (a valid application name, else ``ValueError``)."""
     return f"mapex-{check_name(app)}"
-
-
-_HELD: dict[str, list[Any]] = {}  # lock file -> [threading.RLock, depth, open file]: re-entrant in a process
-_HELD_GUARD = threading.Lock()
-
-
-@contextmanager
-def registry_lock(root: str | Path = ".") -> Iterator[None]:
-    """An exclusive lock (``mlflow/registry.lock``) around registrations and alias moves of this project's registry.
-
-    It serialises retrains of one project folder on one machine (the local and the sqlite case).
-    Workers on several machines sharing a tracking server need a shared folder for it (or one
-    worker per pool that registers). Re-entrant within a process (a registration holds it while
-    its gate takes it again).
-    """
-    path = (Path(root) / STORE_DIR / "registry.lock").resolve()
-    with _HELD_GUARD:
-        entry = _HELD.setdefault(str(path), [threading.RLock(), 0, None])
-    with entry[0]:
-        if entry[1] == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a")  # noqa: SIM115 - held across the yield, closed below
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except BaseException:
-                f.close()
-                raise
-            entry[2] = f
-        entry[1] += 1
-        try:
-            yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                fcntl.flock(entry[2], fcntl.LOCK_UN)
-                entry[2].close()
-                entry[2] = None
 
 
 def _existing_version(client: MlflowClient, name: str, sha: str) -> Any | None:
@@ -136,7 +96,7 @@ def _log_pretrain_locked(d: Path, sha: str, params: dict[str, Any], chips: dict[
     ver: str | None = None
     try:
         with mlflow.start_run(experiment_id=exp.experiment_id, run_name="pretrain", tags=tags) as run:
-            ver = _log_pretrain_run(d, params, metrics, chips)
+            ver = _log_pretrain_run(d, params, metrics, chips, root)
             for k, v in {"model_sha256": sha, "run_id": run.info.run_id, "git_sha": git}.items():
                 client.set_model_version_tag(PRETRAINED_MODEL, ver, k, v)
             client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
@@ -153,7 +113,8 @@ def _delete_version(client: MlflowClient, name: str, ver: str | None) -> None:
             client.delete_model_version(name, ver)
 
 
-def _log_pretrain_run(d: Path, params: dict[str, Any], metrics: dict[str, Any], chips: dict[str, str | None]) -> str:
+def _log_pretrain_run(d: Path, params: dict[str, Any], metrics: dict[str, Any], chips: dict[str, str | None],
+                      root: str | Path = ".") -> str:
     """Params, curves, artifacts, inputs and the model of the active pre-training run; returns the version."""
     mlflow.log_params(flatten("", {k: v for k, v in params.items() if k in ("model", "pretrain")}, {}))
     for i, step in enumerate(metrics["steps"]):
@@ -166,7 +127,10 @@ def _log_pretrain_run(d: Path, params: dict[str, Any], metrics: dict[str, Any], 
             mlflow.log_artifact(str(d / name), artifact_path="pretrain")
     for path, digest in chips.items():
         log_dataset(path, digest, "pretraining")
-    return log_model_version("encoder", d, ("config.json", "model.safetensors"), PRETRAINED_MODEL)
+    config = json.loads((d / "config.json").read_text())  # an example when one store holds all its modalities
+    example = input_example(list(chips), config["modalities"], config["img_size"], root=root)
+    return log_model_version("encoder", d, ("config.json", "model.safetensors"), PRETRAINED_MODEL,
+                             input_example=example)
 
 
 def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, Any], evaluation: dict[str, Any],
@@ -237,13 +201,18 @@ def _register_app_locked(app: Any, d: Path, name: str, sha: str, prune_report: d
             mlflow.log_artifact(str(d / "config.json"), artifact_path="reports")
             if lineage.get("chips"):
                 log_dataset(lineage["chips"], lineage.get("dvc_hash"), "finetuning")
+            contract = task_contract(d)
+            example = input_example(lineage.get("chips"), contract["modalities"], contract["chip_size"], root=root)
             ver = log_model_version("task_model", d, ("config.json", "task.json", "model.safetensors"), name,
-                              metadata={"mapex_contract": task_contract(d)})
+                                    metadata={"mapex_contract": contract}, input_example=example)
             vtags = {"model_sha256": sha, "run_id": run.info.run_id, "app": app.name, "metric": app.metric,
                      "metric_value": repr(float(pruned["value"])), "params": str(pruned["params"]),
                      "latency_ms": repr(float(pruned["latency_ms"])),
                      "checkpoint_bytes": str(pruned["checkpoint_bytes"]),
-                     "git_sha": tags["mapex.git_sha"], "dvc_hash": tags["mapex.dvc_hash"]}
+                     "git_sha": tags["mapex.git_sha"], "dvc_hash": tags["mapex.dvc_hash"],
+                     "prune_target": str(prune_report.get("target") or "groups")}
+            if prune_report.get("sweep"):  # the size a `prune.target: smallest_within_tolerance` sweep chose
+                vtags["sweep_kept_per_layer"] = str(prune_report["sweep"]["chosen"]["kept_per_layer"])
             for k, v in vtags.items():
                 client.set_model_version_tag(name, ver, k, v)
             decision = apply_gate(app, ver, root=root)

@@ -14,24 +14,35 @@ wraps it, so that every malformed request gets a short 4xx and the connection st
 * an exception inside the app becomes a 500 with a short message (the traceback goes to the
   server's log), not a dropped connection.
 
+The guard also counts each ``/invocations`` request from its arrival until the model takes it
+(:func:`mapex_core.tracking.batching.incoming`), so that the model's batcher waits for requests on
+their way, and gives MLflow's ``asyncio.to_thread`` :data:`REQUEST_THREADS` threads (asyncio's
+default is 6 on 2 cores, too few for concurrent requests to share a forward).
+
 :func:`serve_model` downloads one registered version, checks its task model folder (before any
-weight is loaded), and runs uvicorn on it (uvloop + httptools when installed; ``UVICORN_LOOP`` and
-``UVICORN_HTTP`` choose others, as uvicorn's own command does).
+weight is loaded), sets the batching options for the model, and runs uvicorn on it (uvloop +
+httptools when installed; ``UVICORN_LOOP`` and ``UVICORN_HTTP`` choose others, as uvicorn's own
+command does).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import logging
 import math
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from mapex_core.tracking.batching import incoming
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,6 +54,7 @@ MAX_JSON_DEPTH = 32  # a request is {"inputs": {modality: [[[[...]]]]}, "params"
 MESSAGE_CHARS = 500  # of an error message
 MIN_MAX_BODY = 32 << 20  # the smallest default body limit (bytes)
 MODEL_ENV, MAX_BODY_ENV = "MAPEX_SERVE_MODEL", "MAPEX_SERVE_MAX_BODY"  # what worker processes load
+REQUEST_THREADS = 64  # threads running MLflow's request handling (and waiting on batches): 64 1-chip requests
 INVOCATIONS = "/invocations"
 _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
           415: "UNSUPPORTED_MEDIA_TYPE", 504: "TIMEOUT"}
@@ -54,10 +66,12 @@ _log = logging.getLogger("mapex.serve")
 
 def json_depth(body: bytes) -> int:
     """How deeply ``body`` (JSON text) nests arrays and objects, without parsing it (brackets in strings
-    do not count). Linear, in C: about 2 ms per MB."""
+    do not count). Linear, in C: about 1 ms per MB without escapes."""
     import numpy as np
 
-    s = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _DELETE)  # brackets and quotes
+    if b"\\" in body:  # escapes (none in the compact form: its 2 replaces were most of the time)
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    s = body.translate(None, _DELETE)  # brackets and quotes
     if b'"' in s:
         s = _STRING.sub(b"", s)
     if not s:
@@ -105,20 +119,36 @@ class GuardedApp:
 
     def __init__(self, app: ASGIApp, max_body: int, max_depth: int = MAX_JSON_DEPTH) -> None:
         self.app, self.max_body, self.max_depth = app, int(max_body), int(max_depth)
+        self._loop: Any = None  # the event loop given REQUEST_THREADS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)  # lifespan
             return
         if scope["path"] == INVOCATIONS and scope["method"] == "POST":
-            body, refusal = await self._read(scope, receive)
-            if refusal is not None:
-                await _answer(send, *refusal)
-                return
-            if body is None:  # the client went away
-                return
-            receive = _replay(body, receive)
+            self._use_request_threads()
+            with incoming():  # batchers wait for it (mapex_core.tracking.batching)
+                body, refusal = await self._read(scope, receive)
+                if refusal is not None:
+                    await _answer(send, *refusal)
+                    return
+                if body is None:  # the client went away
+                    return
+                await self._guarded(scope, _replay(body, receive), send)
+            return
         await self._guarded(scope, receive, send)
+
+    def _use_request_threads(self) -> None:
+        """Give this event loop a pool of :data:`REQUEST_THREADS` threads for MLflow's ``asyncio.to_thread``
+        (asyncio's default has ``min(32, cores + 4)``: 6 on 2 cores, too few to batch 8 clients)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            from concurrent.futures import ThreadPoolExecutor
+
+            loop.set_default_executor(ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="mapex-request"))
+            self._loop = loop
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes | None, tuple[int, str] | None]:
         """The request body, or why it is refused ``(status, message)``; ``(None, None)`` on a disconnect."""
@@ -228,10 +258,23 @@ def default_max_body(config: Any = None, task: dict[str, Any] | None = None) -> 
 
 def create_app(model_path: str | Path, max_body: int) -> GuardedApp:
     """Load the MLflow model in ``model_path`` (a local folder) and guard its scoring app."""
+    from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(str(model_path))
-    return GuardedApp(scoring_server.init(model), max_body)
+    app = GuardedApp(scoring_server.init(model), max_body)
+    try:
+        batcher = getattr(model.unwrap_python_model(), "batcher", None)
+    except MlflowException:  # not a python_model: nothing batched here
+        batcher = None
+    if batcher is not None:  # when the server stops: how much the requests shared their forward passes
+        atexit.register(lambda: print(f"mapex serve: {batcher.requests} requests ({batcher.rows} chips) in "
+                                      f"{batcher.batches} forward passes", file=sys.stderr, flush=True))
+    # the model, torch, MLflow and FastAPI live as long as the server: out of the collector's full passes,
+    # which walked them all while requests waited (~11% of a loaded server's CPU in perf: BENCHMARKS.md, Serving)
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def app_from_env() -> GuardedApp:
@@ -241,7 +284,8 @@ def app_from_env() -> GuardedApp:
 
 
 def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
-                max_body_mb: float | None = None, announce: Callable[[int], None] | None = None) -> None:
+                max_body_mb: float | None = None, announce: Callable[[int], None] | None = None,
+                max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
     """Serve the MLflow model ``model_uri`` (``models:/NAME/VERSION``) until SIGTERM or Ctrl-C.
 
     The model is downloaded into a temporary folder (removed when the server stops) and its MAPEX task
@@ -250,17 +294,37 @@ def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, worke
     Args:
         max_body_mb: the body limit in MiB; default :func:`default_max_body`.
         announce: called with the body limit in bytes once the model is checked, before the server starts.
+        max_batch, max_wait_ms: adaptive batching of concurrent requests (rows per forward, 1: off; the
+            longest wait for requests on their way, in ms); they set ``MAPEX_SERVE_MAX_BATCH`` and
+            ``MAPEX_SERVE_MAX_WAIT_MS`` for the model (:mod:`mapex_core.tracking.batching`); ``None``
+            leaves those variables, or the defaults.
 
     Raises:
-        ValueError: a task model folder that does not match its config, or a bad ``max_body_mb``.
+        ValueError: a task model folder that does not match its config, or a bad ``max_body_mb``,
+            ``max_batch`` or ``max_wait_ms`` (named).
     """
     import mlflow
     import uvicorn
 
     from mapex_core.model.heads import check_task_folder
+    from mapex_core.tracking.batching import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_MAX_WAIT_MS,
+        MAX_BATCH_ENV,
+        MAX_WAIT_ENV,
+        check_settings,
+        settings_from_env,
+    )
 
     if max_body_mb is not None and not (isinstance(max_body_mb, int | float) and 0 < max_body_mb <= 4096):
         raise ValueError(f"--max-body-mb must be a number in (0, 4096], got {max_body_mb!r}")
+    if max_batch is not None:
+        check_settings(max_batch, DEFAULT_MAX_WAIT_MS, "--max-batch")
+        os.environ[MAX_BATCH_ENV] = str(int(max_batch))
+    if max_wait_ms is not None:
+        check_settings(DEFAULT_MAX_BATCH, max_wait_ms, "--max-wait-ms")
+        os.environ[MAX_WAIT_ENV] = str(float(max_wait_ms))
+    settings_from_env()  # the variables the model will read, checked before anything is downloaded
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found: this
     # one ends the server normally (also while the model loads), so the temporary folder is always removed
     main = threading.current_thread() is threading.main_thread()  # signals can only be handled there

@@ -94,12 +94,17 @@ def validation_score(model: TaskModel, store: ChipStore, metric: str, batch_size
 
 def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric: str, p: FinetuneParams,
                seed: int, device: torch.device, balance_weight: float = 0.0,
-               on_step: StepCallback | None = None) -> dict[str, Any]:
+               on_step: StepCallback | None = None, subset: list[int] | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place; the best validation state is restored at the end.
+
+    With ``p.mode == "linear"`` (a linear probe) the encoder is frozen (no gradient, eval mode) and
+    only the task head is trained. The training chips are ``p.label_fraction`` of ``train`` drawn by
+    ``seed`` (at least one), or exactly ``subset``.
 
     Args:
         balance_weight: weight of the routers' balance loss (0 after pruning).
         on_step: progress callback ``(step, total, {"loss": latest logged mean loss})``.
+        subset: positions in ``train`` to train on instead of a ``label_fraction`` draw (e.g. a k-shot set).
 
     Returns:
         The history: ``steps``, ``train_loss`` and ``val`` at each evaluation, the best step and value.
@@ -111,7 +116,13 @@ def train_task(model: TaskModel, train: ChipStore, val: ChipStore | None, metric
     if n_train == 0:
         raise ValueError(f"{train.path}: no training chips for modalities {train.modalities}")
     keep = max(1, int(round(p.label_fraction * n_train)))
-    subset = sorted(torch.randperm(n_train, generator=gen)[:keep].tolist())
+    drawn = sorted(torch.randperm(n_train, generator=gen)[:keep].tolist())  # drawn always: same batch order RNG
+    if subset is not None:
+        bad = [i for i in subset if not 0 <= i < n_train]
+        if not subset or bad:
+            raise ValueError(f"{train.path}: training subset must hold positions in [0, {n_train}) of the train "
+                             f"split; got {len(subset)} position(s), out of range: {bad[:5]}")
+    subset = sorted(set(subset)) if subset is not None else drawn
     model.to(device)
     if p.mode == "linear":
         for q in model.encoder.parameters():
