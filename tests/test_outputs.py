@@ -190,7 +190,7 @@ def test_ingest_never_replaces_a_file_or_a_foreign_folder(ben_root: Path, tmp_pa
 
     res = run_cli(*args, "--out", "notes.zarr", "--force", cwd=tmp_path)  # the user said so
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "notes.zarr" / ".zattrs").read_text())["format"] == "mapex-chips"
+    assert json.loads((tmp_path / "notes.zarr" / "zarr.json").read_text())["attributes"]["format"] == "mapex-chips"
     before = snapshot(tmp_path / "notes.zarr")
     res = run_cli(*args, "--out", "notes.zarr", cwd=tmp_path)  # its own store: replaced without --force
     assert res.returncode == 0, res.stderr
