@@ -344,8 +344,10 @@ def start_worker(cluster: Cluster, pool: str, name: str) -> tuple[subprocess.Pop
     folder = cluster.root / f"{name}-machine"
     folder.mkdir(exist_ok=True)
     log = folder / "worker.log"
+    # INFO: the worker's "submitting flow run" lines are what the test reads (`make` sets WARNING)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--pool", pool, "--name", name,
-                             "--env-file", str(cluster.dir / "env")], cwd=folder, env=cluster.base,
+                             "--env-file", str(cluster.dir / "env")], cwd=folder,
+                            env={**cluster.base, "PREFECT_LOGGING_LEVEL": "INFO"},
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     return proc, log
 
