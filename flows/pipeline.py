@@ -37,6 +37,9 @@ from prefect.tasks import exponential_backoff
 
 from mapex_core import lineage, progress, project, runtime, stages
 
+# restores the thread variables a local Dask cluster's nannies set in the flow's process
+from mapex_core.data.distributed_ingest import DASK_ENV, restored_environ
+
 PARAMS = str(project.PARAMS)  # the project's params file: dvc.yaml's stages read this one
 WORKERS = 2  # datasets / applications processed at once; the board shares the cores among their stages
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
@@ -204,27 +207,6 @@ def _flow_setup(params: str) -> None:
 
     project.check_params_file(params)
     tracking.configure()  # fails fast, before any training, when the tracking server is unreachable
-
-
-# a local Dask cluster's nannies set these in the process that starts them (the flow's): without a
-# restore, later stages would inherit one thread each as if the user had set it
-DASK_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
-
-
-@contextmanager
-def restored_environ(keys: tuple[str, ...] = DASK_ENV) -> Iterator[None]:
-    """Put ``keys`` of ``os.environ`` back as they were before the block."""
-    import os
-
-    before = {k: os.environ.get(k) for k in keys}
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 INGEST_DASK_ENV = "MAPEX_INGEST_DASK"  # `mapex ingest --dask` read from the environment by the stage commands
