@@ -87,10 +87,11 @@ cluster-down: setup
 cluster-status: setup
 	$(MAPEX) cluster status
 
-# The servers brought up on loopback in a temporary folder and checked one by one (not the ones of
-# `make cluster-up`).
+# The servers brought up on loopback in a temporary folder (not the ones of `make cluster-up`) and checked
+# one by one; the faults (a worker killed, PostgreSQL restarted, the object store down); then the whole
+# platform: a gpu and a cpu worker in two clones that share no folder, a retrain, a third clone's `dvc pull`.
 test-cluster: cluster-deps
-	$(PY) -m pytest -q -m slow tests/test_cluster.py
+	$(PY) -m pytest -q -m slow tests/test_cluster.py tests/test_cluster_faults.py tests/test_cluster_team.py
 
 dashboard: setup
 	$(MAPEX) dashboard --out reports/dashboard

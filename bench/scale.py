@@ -266,12 +266,32 @@ def step_chips_per_s(steps: int = 3) -> float:
     return 64 / statistics.median(times)
 
 
+def files_per_10k(n: int, say: Callable[..., None]) -> dict[str, Any]:
+    """Files of the store of ``n`` generated pairs, ingested once in one process, per 10,000 chips."""
+    from mapex_core.data.ingest import ingest
+    from mapex_core.data.store import open_dataset
+
+    with tempfile.TemporaryDirectory(prefix="mapex-bench-files-") as tmp:
+        tmp = Path(tmp)
+        rows = make_corpus(tmp / "all", 0, n, _real_pairs())
+        t0 = time.perf_counter()
+        ingest(link_corpus(tmp / "all", tmp / "n", rows), tmp / "s" / "chips.zarr", reports_dir=tmp / "r", **DATA)
+        seconds = time.perf_counter() - t0
+        chips = int(open_dataset(tmp / "s" / "chips.zarr").sizes["chip"])
+        files = sum(1 for p in (tmp / "s" / "chips.zarr").rglob("*") if p.is_file())
+        say(f"{n} pairs, {chips} chips: {files} files, ingested in {seconds:.0f} s")
+        return {"pairs": n, "chips": chips, "files": files, "files_per_10k_chips": round(files / chips * 1e4, 1),
+                "ingest_s": round(seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=20000)
     ap.add_argument("--json", action="store_true", help="print only one JSON line")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the timed ingestions (medians)")
     ap.add_argument("--loader-batches", type=int, default=30)
+    ap.add_argument("--files-only", action="store_true",
+                    help="only files_per_10k_chips: one ingestion of N pairs (a size the full run cannot afford)")
     args = ap.parse_args()
     say = (lambda *a: None) if args.json else print
     n = args.pairs
@@ -280,6 +300,10 @@ def main() -> None:
 
     from mapex_core.data.ingest import ingest
     from mapex_core.data.store import open_dataset
+
+    if args.files_only:
+        print(json.dumps(files_per_10k(n, say)))
+        return
 
     def clock(fn: Callable[[], Any]) -> float:
         t0 = time.perf_counter()

@@ -1,25 +1,29 @@
 """REST serving of a registered application model: latency against the in-process model, and throughput as
-clients are added, with and without adaptive batching, on 1 or 2 server workers.
+clients are added, with and without adaptive batching, on one server worker and on the default (one per core).
 
 Needs a project whose registry holds the app (``make demo``; ``--project`` points at it, default this
 checkout). Starts real ``mapex serve`` processes (MLflow's scoring app behind MAPEX's request guard, this
 checkout's code, 127.0.0.1), all alive at once and measured in alternating blocks:
 
-* ``batched``: as shipped (1 worker; concurrent requests share forward passes,
-  :mod:`mapex_core.tracking.batching`);
+* ``batched, 1 worker``: ``--workers 1`` (one process; concurrent requests share forward passes,
+  :mod:`mapex_core.tracking.batching`): what shipped before the default became one worker per core;
 * ``unbatched``: the same with ``--max-batch 1`` (each request its own forward in its own thread:
   what it was before batching);
-* ``2 workers``: as shipped with ``--workers 2`` (two processes, each batching);
-* ``floor``: the same server serving a model that returns at once (its process imports torch and
+* ``default, N workers``: as shipped, no ``--workers``: one process per CPU core of this machine, each
+  batching (N = 2 on a 2-core machine: the server measured as ``2 workers`` before it became the default);
+* ``floor``: a server of one worker serving a model that returns at once (its process imports torch and
   MAPEX and sets the serving malloc threshold, as the real one does): what the server stack costs
   on its own for this body, whatever the model.
+
+``MAPEX_SERVE_BATCH_THREADS`` (several intra-op threads for a forward of several rows) is no longer
+measured here: on 2 cores it lost on a loaded and on a quiet machine alike (BENCHMARKS.md, Serving).
 
 Requests are 1-chip real test chips of the app's chip store in the compact form
 (``contract.encode_array``), each client thread on its own kept-alive connection.
 
-Latency (one client, alternating blocks of ``BLOCK`` calls): p50/p99 of the served request (batched
-and unbatched), the floor, the in-process pyfunc ``predict``, the bare in-process forward back to
-back with torch's threads, the same after a pause of ``PAUSE_MS``, and with the serving forward
+Latency (one client, alternating blocks of ``BLOCK`` calls): p50/p99 of the served request (batched on
+one worker, unbatched, the default), the floor, the in-process pyfunc ``predict``, the bare in-process
+forward back to back with torch's threads, the same after a pause of ``PAUSE_MS``, and with the serving forward
 thread's intra-op threads (``batching.forward_threads``: one fewer); then ``(served p50 - floor p50)
 / forward p50``, over the faster of the two forwards (the stricter figure).
 
@@ -27,7 +31,7 @@ Throughput: ``--requests`` requests per server and concurrency (1, 8, 32), sent 
 alternating blocks; requests/s, p50/p99 latency, the server's CPU time and context switches per
 request (all its processes and threads: figures the machine's other load disturbs less than the
 wall clock), errors. Then 1000
-requests at concurrency 32 to the shipped server, counting 5xx answers and connection errors apart.
+requests at concurrency 32 to the shipped default server, counting 5xx answers and connection errors apart.
 Prints a table, then one JSON line.
 
 ``--dim/--depth/--heads`` serve the app's model at another width and depth instead (e.g. the
@@ -322,6 +326,8 @@ def main() -> None:
     env = dict(os.environ)
     env.pop("MAPEX_SERVE_MAX_BATCH", None)
     env.pop("MAPEX_SERVE_MAX_WAIT_MS", None)
+    env.pop("MAPEX_SERVE_BATCH_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)  # (the default server gives each of its workers its share of the cores)
     try:
         if all(scaled):
             env["MLFLOW_TRACKING_URI"] = scaled_store(args.app, *scaled, tmp)
@@ -334,14 +340,20 @@ def main() -> None:
     compact = [json.dumps({"inputs": {m: encode_array(a) for m, a in c.items()}}).encode() for c in chips]
     dtypes = {m: encode_array(a)["dtype"] for m, a in chips[0].items()}
 
-    servers = {"batched": (args.app, [], {}), "unbatched": (args.app, ["--max-batch", "1"], {}),
-               "2 workers": (args.app, ["--workers", "2"], {}),
-               "floor": ("bench-floor", [], {"MLFLOW_TRACKING_URI": floor_uri})}
+    from mapex_core.tracking.server import serve_workers
+
+    n_default = serve_workers()  # what `mapex serve` runs without --workers
+    default = f"default, {n_default} worker{'s' if n_default != 1 else ''}"
+    servers = {"batched, 1 worker": (args.app, ["--workers", "1"], {}),
+               "unbatched": (args.app, ["--workers", "1", "--max-batch", "1"], {}),
+               default: (args.app, [], {}),
+               "floor": ("bench-floor", ["--workers", "1"], {"MLFLOW_TRACKING_URI": floor_uri})}
     procs: dict[str, subprocess.Popen] = {}
     try:
         procs, ports = start_servers(servers, env, tmp)
-        for b in compact * 2:  # warm-up (both workers of the 2-worker server, likely)
-            assert all(_post(port, b) == 200 for port in ports.values())
+        for port in ports.values():  # warm-up: 8 clients at once, so that each worker of the default likely gets some
+            with ThreadPoolExecutor(8) as pool:
+                assert all(code == 200 for code in pool.map(lambda b, port=port: _post(port, b), compact * 4))
         import torch
 
         inner = model.unwrap_python_model()
@@ -368,8 +380,9 @@ def main() -> None:
         # Latency: alternate in blocks of BLOCK calls of each kind: the machine's drift hits all alike, while a
         # process's idle OpenMP threads (which spin for a while after a forward) only disturb the first call of
         # the next block, not every call of the other kind.
-        calls = {"served": lambda i: _post(ports["batched"], compact[i % len(compact)]) == 200,
+        calls = {"served": lambda i: _post(ports["batched, 1 worker"], compact[i % len(compact)]) == 200,
                  "served_unbatched": lambda i: _post(ports["unbatched"], compact[i % len(compact)]) == 200,
+                 "served_default": lambda i: _post(ports[default], compact[i % len(compact)]) == 200,
                  "floor": lambda i: _post(ports["floor"], compact[i % len(compact)]) == 200,
                  "pyfunc": lambda i: model.predict(chips[i % len(chips)]) is not None,
                  "forward": lambda i: forward(normed[i % len(normed)]) is None,
@@ -389,7 +402,7 @@ def main() -> None:
         lone.shutdown()
         model_ports = {k: v for k, v in ports.items() if k != "floor"}
         through = throughput(model_ports, {k: procs[k].pid for k in model_ports}, compact, args.requests, args.rounds)
-        c32 = at_concurrency_32(ports["batched"], compact)
+        c32 = at_concurrency_32(ports[default], compact)
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
@@ -402,35 +415,36 @@ def main() -> None:
     p99 = {k: float(np.percentile(np.asarray(v) * 1000, 99)) for k, v in kinds.items()}
     # over the faster of the two in-process forwards (torch's threads, or the serving forward thread's)
     fastest = min(p50["forward"], p50["forward_serving_threads"])
-    over = {k: (p50[k] - p50["floor"]) / fastest for k in ("served", "served_unbatched")}
+    over = {k: (p50[k] - p50["floor"]) / fastest for k in ("served", "served_unbatched", "served_default")}
     params = inner.model.num_parameters()
     print(f"mapex-{args.app} v{version} ({params / 1e6:.2f} M parameters), 1-chip compact requests "
           f"({len(compact[0]) / 1000:.0f} kB, {dtypes}); load average {load[0][0]:.2f} before, {load[1][0]:.2f} after "
           f"on {os.cpu_count()} CPUs")
-    labels = {"served": "served, batched (as shipped)", "served_unbatched": "served, unbatched (--max-batch 1)",
+    labels = {"served": "served, batched, 1 worker", "served_unbatched": "served, unbatched (--max-batch 1)",
+              "served_default": f"served, {default} (as shipped)",
               "floor": "floor: a model that returns at once", "pyfunc": "in-process pyfunc predict",
               "forward": f"in-process forward ({default_threads} threads)",
               "forward_cold": f"in-process forward after {PAUSE_MS:g} ms",
               "forward_serving_threads": f"in-process forward ({serving_threads} thread(s), as served)"}
     print(f"latency, one client, {args.latency_runs} calls each in blocks of {BLOCK}:")
     for k, label in labels.items():
-        print(f"  {label:36s} p50 {p50[k]:7.2f} ms  p99 {p99[k]:7.2f} ms")
+        print(f"  {label:44s} p50 {p50[k]:7.2f} ms  p99 {p99[k]:7.2f} ms")
     for k in over:
-        print(f"  ({labels[k].split(',')[1].strip()} p50 - floor p50) / faster forward p50: {over[k]:.2f}"
+        print(f"  ({labels[k].split(', ', 1)[1]} p50 - floor p50) / faster forward p50: {over[k]:.2f}"
               "  (goal <= 1.25)")
     print(f"throughput, {args.requests} requests per cell in {args.rounds} alternating blocks:")
     for name, row in through.items():
         cells = "  ".join(f"c{c}: {r['req_per_s']:6.1f}/s p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms "
                           f"cpu {r['cpu_ms_per_req']:5.2f} ms/req {r['switches_per_req']:5.0f} switches/req err {r['errors']}"
                           for c, r in row.items())
-        print(f"  {name:10s} {cells}")
-        print(f"  {'':10s} c8/c1 {row[8]['req_per_s'] / row[1]['req_per_s']:.2f} (goal >= 1.5)   "
+        print(f"  {name:19s} {cells}")
+        print(f"  {'':19s} c8/c1 {row[8]['req_per_s'] / row[1]['req_per_s']:.2f} (goal >= 1.5)   "
               f"p99/p50 at c8 {row[8]['p99_ms'] / row[8]['p50_ms']:.2f} (goal <= 3)")
     for name, st in shared.items():
         if st["forwards"]:
             print(f"{name}: {st['requests']} requests ({st['chips']} chips) in {st['forwards']} forward passes, "
                   f"{st['requests_per_forward']} requests per forward (all its requests)")
-    print(f"{C32_REQUESTS} requests at concurrency 32 (batched): {c32['ok']} answered, {c32['http_5xx']} 5xx, "
+    print(f"{C32_REQUESTS} requests at concurrency 32 ({default}): {c32['ok']} answered, {c32['http_5xx']} 5xx, "
           f"{c32['connection_errors']} connection errors ({c32['reconnects']} idle kept-alive connections reopened), "
           f"{c32['req_per_s']} requests/s")
     print(json.dumps({"app": args.app, "version": version, "params": params, "scaled": all(scaled),
@@ -443,7 +457,7 @@ def main() -> None:
                       "throughput": through,
                       "c8_over_c1": {n: round(r[8]["req_per_s"] / r[1]["req_per_s"], 2) for n, r in through.items()},
                       "p99_over_p50_c8": {n: round(r[8]["p99_ms"] / r[8]["p50_ms"], 2) for n, r in through.items()},
-                      "c32": c32, "batching": {k: v for k, v in shared.items() if v["forwards"]}}))
+                      "c32": dict(c32, server=default), "batching": {k: v for k, v in shared.items() if v["forwards"]}}))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def deploy(
     timezone: str = typer.Option(None, help="Time zone of the schedule (default: pipeline.timezone)."),
     serve: bool = typer.Option(False, help="Run the schedules from this process instead of work pools "
                                "(blocks; no worker needed, the server still is)."),
+    repo: str = typer.Option(None, help="Git repository the workers clone at this commit (default: the "
+                             "project's origin; with none, flow runs use this folder: one machine)."),
 ) -> None:
     """Register the Prefect deployments: scheduled retrain (pool cpu), pre-training (pool gpu).
 
@@ -149,7 +151,7 @@ def deploy(
         if serve:
             deployments.serve(str(params), cron, timezone)
             return
-        print_json({"deployments": deployments.deploy(str(params), cron, timezone)})
+        print_json({"deployments": deployments.deploy(str(params), cron, timezone, repo=repo)})
     except (FileNotFoundError, ValueError):
         raise
     except Exception as exc:  # httpx / Prefect HTTP errors: the server is the problem

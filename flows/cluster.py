@@ -9,10 +9,14 @@
   ``s3://mapex/mlflow`` holds MLflow's artifacts.
 * The MLflow tracking server on PostgreSQL with proxied artifacts (clients upload through it, never
   to a path of their own) and the Prefect server on PostgreSQL (work pools ``cpu`` and ``gpu``).
+* The team dashboard (``mapex dashboard --serve`` against the MLflow server): the newest page a retrain
+  published (:mod:`mapex_core.dashboard.publish`), at ``MAPEX_DASHBOARD_URL`` of ``.cluster/env``.
 
 Everything binds 127.0.0.1 on the ports of ``.cluster/cluster.json`` (chosen at the first start:
-PostgreSQL 5432, S3 8333, MLflow 5000, Prefect 4200 when free, else any free port;
-``MAPEX_{PG,S3,MLFLOW,PREFECT}_PORT`` choose, 0 = any). Credentials are generated at the first
+PostgreSQL 5432, S3 8333, MLflow 5000, Prefect 4200, dashboard 8765 when free, else any free port;
+``MAPEX_{PG,S3,MLFLOW,PREFECT,DASHBOARD}_PORT`` choose, 0 = any). The dashboard alone may bind another
+interface: ``MAPEX_DASHBOARD_HOST`` at its first start (``0.0.0.0``: every one), with the address the
+team opens derived from it or given as ``MAPEX_DASHBOARD_PUBLIC_URL`` (behind a proxy). Credentials are generated at the first
 start; ``.cluster/env`` (mode 0600) holds the ``export`` lines a worker sources. Logs go to
 ``.cluster/logs``. ``up`` is idempotent; ``down`` stops everything and keeps the data
 (``down(clean=True)`` removes it). A worker (:func:`run_worker`) reads ``.cluster/env``, creates its work
@@ -45,10 +49,13 @@ from typing import Any
 from mapex_core.errors import MapexError
 
 CLUSTER_DIR = Path(".cluster")
-SERVICES = ("postgres", "s3", "mlflow", "prefect")  # start order; stopped in reverse
-DEFAULT_PORTS = {"postgres": 5432, "s3": 8333, "mlflow": 5000, "prefect": 4200}
+SERVICES = ("postgres", "s3", "mlflow", "prefect", "dashboard")  # start order; stopped in reverse
+DEFAULT_PORTS = {"postgres": 5432, "s3": 8333, "mlflow": 5000, "prefect": 4200, "dashboard": 8765}
 PORT_ENV = {"postgres": "MAPEX_PG_PORT", "s3": "MAPEX_S3_PORT", "mlflow": "MAPEX_MLFLOW_PORT",
-            "prefect": "MAPEX_PREFECT_PORT"}
+            "prefect": "MAPEX_PREFECT_PORT", "dashboard": "MAPEX_DASHBOARD_PORT"}
+DASHBOARD_HOST_ENV, DASHBOARD_PUBLIC_ENV = "MAPEX_DASHBOARD_HOST", "MAPEX_DASHBOARD_PUBLIC_URL"  # read by `up`
+DASHBOARD_URL_ENV = "MAPEX_DASHBOARD_URL"  # in .cluster/env: where the retrain flow links the dashboard
+DASHBOARD_REFRESH_S = 10  # how often the dashboard service looks for a newer published page
 S3_INTERNAL = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")
 HOST = "127.0.0.1"
 BUCKET = "mapex"
@@ -203,16 +210,54 @@ def new_state(paths: Paths) -> dict[str, Any]:
                          "s3_access_key": "MAPEX" + secrets.token_hex(8).upper(),
                          "s3_secret_key": secrets.token_urlsafe(30)},
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    state["dashboard"] = dashboard_settings(state["ports"]["dashboard"])
     _private_dir(paths.root, 0o711)  # others may only pass through (to pg/, owned by PostgreSQL's user)
     _write_private(paths.state, json.dumps(state, indent=2))
     return state
 
 
+def dashboard_settings(port: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where the dashboard service binds (``MAPEX_DASHBOARD_HOST``, default 127.0.0.1) and the address the
+    team opens: ``MAPEX_DASHBOARD_PUBLIC_URL`` (a proxy in front), else ``http://HOST:PORT`` (the host's
+    name when it binds every interface, ``0.0.0.0``).
+
+    Raises:
+        ClusterError: ``MAPEX_DASHBOARD_PUBLIC_URL`` is not an http(s) address.
+    """
+    env = os.environ if env is None else env
+    host = env.get(DASHBOARD_HOST_ENV) or HOST
+    url = env.get(DASHBOARD_PUBLIC_ENV) or f"http://{socket.gethostname() if host == '0.0.0.0' else host}:{port}"
+    if not url.startswith(("http://", "https://")):
+        raise ClusterError(f"{DASHBOARD_PUBLIC_ENV}={url!r}: expected an http:// or https:// address")
+    return {"host": host, "url": url.rstrip("/")}
+
+
+def _ensure_dashboard(paths: Paths, state: dict[str, Any]) -> None:
+    """Give a cluster created before the dashboard service its port (as :func:`choose_ports` would, away from
+    the cluster's other ports) and address, saved in ``cluster.json``."""
+    ports = state["ports"]
+    if "dashboard" in ports and "dashboard" in state:
+        return
+    if "dashboard" not in ports:
+        taken = {v for k, v in ports.items() if k != "s3_internal"} | set(ports["s3_internal"].values())
+        wanted = os.environ.get(PORT_ENV["dashboard"], "")
+        if wanted and (not wanted.isdigit() or not 0 <= int(wanted) <= 65535):
+            raise ClusterError(f"{PORT_ENV['dashboard']}={wanted!r}: expected a port number (0 = any free port)")
+        default = DEFAULT_PORTS["dashboard"]
+        ports["dashboard"] = (int(wanted) or _any_port(taken)) if wanted else (
+            default if default not in taken and _port_free(default) else _any_port(taken))
+    if "dashboard" not in state:
+        state["dashboard"] = dashboard_settings(ports["dashboard"])
+    _write_private(paths.state, json.dumps(state, indent=2))
+
+
 def urls(state: dict[str, Any]) -> dict[str, str]:
-    """Addresses of the services (S3 endpoint, MLflow, Prefect API, PostgreSQL without password)."""
+    """Addresses of the services (S3 endpoint, MLflow, Prefect API, PostgreSQL without password, the
+    dashboard as the team opens it)."""
     p = state["ports"]
     return {"postgres": f"postgresql://{DB_USER}@{HOST}:{p['postgres']}", "s3": f"http://{HOST}:{p['s3']}",
-            "mlflow": f"http://{HOST}:{p['mlflow']}", "prefect": f"http://{HOST}:{p['prefect']}/api"}
+            "mlflow": f"http://{HOST}:{p['mlflow']}", "prefect": f"http://{HOST}:{p['prefect']}/api"} | (
+        {"dashboard": state["dashboard"]["url"]} if "dashboard" in p and "dashboard" in state else {})
 
 
 def db_url(state: dict[str, Any], database: str, driver: str = "postgresql", user: str = DB_USER) -> str:
@@ -222,13 +267,17 @@ def db_url(state: dict[str, Any], database: str, driver: str = "postgresql", use
 
 
 def client_env(state: dict[str, Any]) -> dict[str, str]:
-    """What a worker needs: the ``.cluster/env`` variables."""
+    """What a worker needs: the ``.cluster/env`` variables (with the heartbeats and retries of
+    :data:`flows.faults.CLIENT_SETTINGS`)."""
+    from flows.faults import CLIENT_SETTINGS
+
     u, s = urls(state), state["secrets"]
     return {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"],
             "AWS_ACCESS_KEY_ID": s["s3_access_key"], "AWS_SECRET_ACCESS_KEY": s["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": u["s3"],
             "MAPEX_DVC_REMOTE": f"s3://{BUCKET}/dvc", "MAPEX_DVC_ENDPOINT": u["s3"],
-            "MAPEX_LOCK_URL": db_url(state, "mlflow", user=LOCK_USER)}
+            "MAPEX_LOCK_URL": db_url(state, "mlflow", user=LOCK_USER)} | CLIENT_SETTINGS | (
+        {DASHBOARD_URL_ENV: u["dashboard"]} if "dashboard" in u else {})
 
 
 def write_env(paths: Paths, state: dict[str, Any]) -> Path:
@@ -319,7 +368,6 @@ def _wait(paths: Paths, service: str, healthy: Callable[[], bool], timeout: floa
 
 def _stop(paths: Paths, service: str, sig: int, timeout: float = STOP_TIMEOUT) -> bool:
     """Send ``sig`` to ``service``'s process group, wait for it to exit (SIGKILL after ``timeout``)."""
-    import psutil
 
     pid = running_pid(paths, service)
     if pid is None:
@@ -327,15 +375,33 @@ def _stop(paths: Paths, service: str, sig: int, timeout: float = STOP_TIMEOUT) -
         return False
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.TimeoutExpired:
-        os.killpg(pid, signal.SIGKILL)
-        psutil.Process(pid).wait(10)
-    except psutil.NoSuchProcess:
-        pass
+    if not _exited(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if not _exited(pid, 10):
+            raise ClusterError(f"{service} (pid {pid}) did not stop after SIGKILL; see {paths.log(service)}")
     paths.pidfile(service).unlink(missing_ok=True)
     return True
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie: dead, waiting for a parent that is not this process to
+    reap it) within ``timeout`` seconds; reaps it when it is this process's child."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _http_ok(url: str, expect: str | None = None) -> bool:
@@ -549,22 +615,41 @@ def start_prefect(paths: Paths, state: dict[str, Any]) -> None:
     _spawn(paths, "prefect", cmd, env, paths.root)
 
 
+def start_dashboard(paths: Paths, state: dict[str, Any]) -> None:
+    """The team dashboard: ``mapex dashboard --serve`` of the newest page published to the MLflow server
+    (checked every :data:`DASHBOARD_REFRESH_S` seconds); start it once MLflow answers."""
+    env = _server_env({"MLFLOW_TRACKING_URI": urls(state)["mlflow"]})
+    cmd = [str(tool("mapex", "run `make setup`")), "dashboard", "--serve", "--host", state["dashboard"]["host"],
+           "--port", str(state["ports"]["dashboard"]), "--refresh", str(DASHBOARD_REFRESH_S)]
+    _spawn(paths, "dashboard", cmd, env, paths.root)
+
+
+def _dashboard_health_url(state: dict[str, Any]) -> str:
+    host = state["dashboard"]["host"]
+    return f"http://{HOST if host == '0.0.0.0' else host}:{state['ports']['dashboard']}/health"
+
+
 def healthy(service: str, state: dict[str, Any]) -> bool:
-    """Whether ``service`` answers: a PostgreSQL login, an S3 bucket listing, MLflow's ``/health``, Prefect's ``/api/health``."""
+    """Whether ``service`` answers: a PostgreSQL login, an S3 bucket listing, MLflow's ``/health``, Prefect's
+    ``/api/health``, the dashboard's ``/health``."""
     u = urls(state)
     return {"postgres": lambda: _pg_healthy(state), "s3": lambda: _s3_healthy(state),
             "mlflow": lambda: _http_ok(u["mlflow"] + "/health", "OK"),
-            "prefect": lambda: _http_ok(u["prefect"] + "/health", "true")}[service]()
+            "prefect": lambda: _http_ok(u["prefect"] + "/health", "true"),
+            "dashboard": lambda: "dashboard" in state and _http_ok(_dashboard_health_url(state), "OK")}[service]()
 
 
 def ensure_pools(state: dict[str, Any]) -> None:
-    """Work pools ``cpu`` and ``gpu`` on the cluster's Prefect server."""
+    """Work pools ``cpu`` and ``gpu`` on the cluster's Prefect server, and its automation that marks a flow run
+    CRASHED when its worker died (:func:`flows.faults.ensure_crash_detection`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deployments import ensure_pools as ensure
+    from flows.faults import ensure_crash_detection
 
     with temporary_settings({PREFECT_API_URL: urls(state)["prefect"]}):
         ensure()
+    ensure_crash_detection(urls(state)["prefect"])
 
 
 # ----- the commands -----------------------------------------------------------------------------
@@ -578,7 +663,7 @@ def status(cluster_dir: str | Path = CLUSTER_DIR) -> dict[str, Any]:
     for svc in SERVICES:
         pid = running_pid(paths, svc)
         out[svc] = {"state": "stopped" if pid is None else "running" if healthy(svc, state) else "unhealthy",
-                    "pid": pid, "url": urls(state)[svc], "log": str(paths.log(svc))}
+                    "pid": pid, "url": urls(state).get(svc), "log": str(paths.log(svc))}
     return {"cluster": str(paths.root), "env": str(paths.env), "services": out}
 
 
@@ -593,6 +678,7 @@ def up(cluster_dir: str | Path = CLUSTER_DIR, log: Callable[[str], None] = lambd
     paths = Paths(Path(cluster_dir))
     pg_bindir(), weed()
     state = load_state(paths) or new_state(paths)
+    _ensure_dashboard(paths, state)
     for d in (paths.logs, paths.run):
         _private_dir(d)
     started, already = [], []
@@ -604,11 +690,12 @@ def up(cluster_dir: str | Path = CLUSTER_DIR, log: Callable[[str], None] = lambd
         if not _port_free(port):
             raise ClusterError(f"{svc}: port {port} on {HOST} (saved in {paths.state}) is in use by another "
                                "program; stop it, or `mapex cluster down --clean` to start afresh on new ports")
-    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect,
+                "dashboard": start_dashboard}
     ready: dict[str, float] = {}  # seconds from the start of `up` until each service answered
     try:
         for svc in SERVICES:  # MLflow and Prefect start together: each migrates its database on its first start
-            if svc not in already:
+            if svc not in already and svc != "dashboard":
                 log(f"starting {svc} on {urls(state)[svc]}")
                 starters[svc](paths, state)
                 started.append(svc)
@@ -618,6 +705,12 @@ def up(cluster_dir: str | Path = CLUSTER_DIR, log: Callable[[str], None] = lambd
             _wait(paths, svc, lambda s=svc: healthy(s, state))
             if svc in started:
                 ready[svc] = round(time.monotonic() - t0, 1)
+        if "dashboard" not in already:  # it asks MLflow for the newest page from its start: after MLflow answers
+            log(f"starting dashboard on {urls(state)['dashboard']}")
+            starters["dashboard"](paths, state)
+            started.append("dashboard")
+            _wait(paths, "dashboard", lambda: healthy("dashboard", state), timeout=120)
+            ready["dashboard"] = round(time.monotonic() - t0, 1)
     except ClusterError as exc:
         raise ClusterError(f"{exc}\n(`mapex cluster down --dir {paths.root}` stops the servers that did start)") from exc
     ensure_pools(state)
@@ -627,16 +720,17 @@ def up(cluster_dir: str | Path = CLUSTER_DIR, log: Callable[[str], None] = lambd
 
 
 def down(cluster_dir: str | Path = CLUSTER_DIR, clean: bool = False) -> dict[str, Any]:
-    """Stop the servers (Prefect, MLflow and S3 at once, then PostgreSQL); keep the data unless ``clean``."""
+    """Stop the servers (the dashboard, Prefect, MLflow and S3 at once, then PostgreSQL); keep the data unless
+    ``clean``."""
     paths = Paths(Path(cluster_dir))
     state = load_state(paths)
     stopped = []
     if state is not None:
         import concurrent.futures as cf
 
-        with cf.ThreadPoolExecutor(3) as pool:
-            done = dict(zip(("prefect", "mlflow", "s3"), pool.map(
-                lambda svc: _stop(paths, svc, signal.SIGTERM), ("prefect", "mlflow", "s3")), strict=True))
+        first = ("dashboard", "prefect", "mlflow", "s3")
+        with cf.ThreadPoolExecutor(len(first)) as pool:
+            done = dict(zip(first, pool.map(lambda svc: _stop(paths, svc, signal.SIGTERM), first), strict=True))
         stopped += [svc for svc, was in done.items() if was]
         if _stop(paths, "postgres", signal.SIGINT, timeout=60):  # SIGINT: PostgreSQL's fast shutdown
             stopped.append("postgres")
@@ -677,16 +771,22 @@ def configure_dvc_remote(repo: str | Path = ".", env: Mapping[str, str] | None =
 
 def worker_env(env_file: str | Path | None = CLUSTER_DIR / "env") -> dict[str, str]:
     """This environment completed by ``env_file``'s variables (those already set win: a sourced file, or
-    the user's own), with ``PREFECT_API_URL`` required.
+    the user's own), then by :data:`flows.faults.CLIENT_SETTINGS` (heartbeats every 30 s, which the crash
+    detection of :func:`flows.faults.ensure_crash_detection` expects; Prefect's 500s retried), with
+    ``PREFECT_API_URL`` required.
 
     Raises:
         ClusterError: no ``PREFECT_API_URL`` (names the file that was read, if any).
     """
+    from flows.faults import CLIENT_SETTINGS
+
     env = dict(os.environ)
     source = Path(env_file) if env_file is not None else None
     if source is not None and source.is_file():
         for k, v in read_env_file(source).items():
             env.setdefault(k, v)
+    for k, v in CLIENT_SETTINGS.items():
+        env.setdefault(k, v)
     if not env.get("PREFECT_API_URL"):
         where = f"{source} does not exist" if source is not None and not source.is_file() else f"not in {source}"
         raise ClusterError(f"no Prefect server: PREFECT_API_URL is not set and {where}; `source .cluster/env` "

@@ -27,6 +27,7 @@ from flows.pipeline import (
     app_chain,
     on_board,
     run_stage,
+    stage_threads,
     summary_row,
     track_pretrain_task,
 )
@@ -126,28 +127,45 @@ def pretrain_on_gpu_pool(params: str) -> Any:
     return run_on_pool(f"pretrain/{PRETRAIN_NAME}", {"params": params}, "pre-training on work pool gpu")
 
 
-def application_on_cpu_pool(app: str, pretrain_run: dict[str, Any], params: str) -> Any:
+def application_on_cpu_pool(app: str, pretrain_run: dict[str, Any], params: str, concurrent: int = 1) -> Any:
     """Application ``app``'s chain as a run of ``application/app-cpu`` on pool ``cpu``, waited for."""
     return run_on_pool(f"application/{APPLICATION_NAME}", {"app": app, "pretrain_run": pretrain_run,
-                                                           "params": params},
+                                                           "params": params, "concurrent": concurrent},
                        f"application {app} on work pool {CPU_POOL}")
 
 
 @flow(name="application")
-def application_flow(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) -> dict[str, Any]:
+def application_flow(app: str, pretrain_run: dict[str, Any], params: str = PARAMS,
+                     concurrent: int = 1) -> dict[str, Any]:
     """One application's chain, prune -> finetune -> evaluate -> register + gate (deployed on work pool
-    ``cpu``: a retrain run by a worker starts one per application); its summary row."""
+    ``cpu``: a retrain run by a worker starts one per application); its summary row.
+
+    Args:
+        concurrent: applications the retrain started at once: each stage gets this machine's share of the
+            cores for as many (:func:`flows.pipeline.stage_threads`), as in a retrain on one machine, so
+            the models are the same wherever they are trained.
+    """
     _flow_setup(params)
-    return app_chain(app, pretrain_run, params)
+    return app_chain(app, pretrain_run, params, stage_threads(concurrent))
 
 
 @task(name="application-on-pool", task_run_name="application-{app}", cache_policy=None)
-def app_on_pool(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) -> dict[str, Any]:
+def app_on_pool(app: str, pretrain_run: dict[str, Any], params: str = PARAMS, concurrent: int = 1) -> dict[str, Any]:
     """:func:`application_flow` as a run on work pool ``cpu``, waited for; its summary row, read back from
     the stage outputs and the registry (registration is idempotent on the weights)."""
-    application_on_cpu_pool(app, pretrain_run, params)
+    application_on_cpu_pool(app, pretrain_run, params, concurrent)
+    restore_here([f"{k}@{app}" for k in ("prune", "finetune", "compare", "evaluate")])
     return summary_row(app, stages.stage_summary(f"prune@{app}"), stages.stage_summary(f"evaluate@{app}"),
                        stages.register(app, params, pretrain_run), params)
+
+
+def restore_here(names: list[str]) -> None:
+    """After a run on another worker: its stages' outputs into this clone (on one machine: already here)."""
+    from flows import exchange
+
+    if exchange.active():
+        for name in names:
+            exchange.restore(name, required=True)
 
 
 def pretrain_stage(params: str) -> tuple[dict[str, Any], bool]:
@@ -161,6 +179,7 @@ def pretrain_stage(params: str) -> tuple[dict[str, Any], bool]:
     if on_gpu:
         with on_board("pretrain"):
             pretrain_on_gpu_pool(params)
+            restore_here(["pretrain"])
     else:
         run_stage("pretrain")
     return track_pretrain_task(params), pools

@@ -1,4 +1,4 @@
-"""Prefect flows of the MAPEX pipeline: ingest, pretrain, prune, finetune, evaluate, and retrain.
+"""Prefect flows of the MAPEX pipeline: ingest, pretrain, prune, finetune, evaluate (with compare), and retrain.
 
 Thin by design. A stage task runs the DVC stage's own command from ``dvc.yaml`` (a ``mapex``
 command, i.e. one :mod:`mapex_core.stages` function) in its own process, exactly what
@@ -9,7 +9,9 @@ project folder (the one holding ``dvc.yaml`` and ``params.yaml``).
 
 Progress: each stage's state, time and progress go to the run's :class:`mapex_core.progress.StageBoard`
 (``mapex retrain`` shows it live), which also shares the CPUs among the stage processes running at
-once: a stage starting beside another gets half the cores, the last one running gets them all.
+once: a stage starting beside another gets half the cores, the last one running gets them all. An
+application's compare@APP (the evaluation's comparison models) runs beside its finetune@APP
+(:func:`flows.sharing.beside`), so when the other applications are done the last one's stages keep every core busy.
 
 Caching: a stage task's cache key is :func:`mapex_core.lineage.stage_key`, a hash of the stage's
 command, its dependencies' DVC content hashes and its params, so an unchanged stage is skipped on
@@ -34,7 +36,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
+from prefect.transactions import CommitMode, transaction
 
+from flows.sharing import beside
+from flows.summary import summary_markdown, summary_row
 from mapex_core import lineage, progress, project, runtime, stages
 
 # restores the thread variables a local Dask cluster's nannies set in the flow's process
@@ -46,16 +51,33 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, 
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failure is worth retrying: I/O trouble, timeouts, a busy lock; never a bad input or a bug."""
+    """Whether a failure is worth retrying: I/O trouble, timeouts, a busy lock, a server that did not answer
+    (MLflow after its own retries, Prefect's API 5xx); also when wrapped (``raise ... from``, a URLError's reason);
+    never a bad input or a bug."""
     from dvc.lock import LockError
 
-    if isinstance(exc, lineage.StageFailed):
-        return exc.transient
-    if isinstance(exc, sqlite3.OperationalError) or any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
-        return "locked" in str(exc) or "busy" in str(exc)
-    if isinstance(exc, TimeoutError | ConnectionError | LockError):
-        return True
-    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        names, text = {c.__name__ for c in type(cur).__mro__}, str(cur)
+        if isinstance(cur, lineage.StageFailed):
+            return cur.transient
+        if (isinstance(cur, sqlite3.OperationalError) or "MlflowException" in names) and (
+                "locked" in text or "busy" in text):
+            return True
+        if "MlflowException" in names and (getattr(cur, "error_code", None) == "TEMPORARILY_UNAVAILABLE" or
+                                           "failed with exception" in text or "failed with timeout exception" in text):
+            return True  # the server was down or answered 5xx through all of the client's retries
+        if "HTTPStatusError" in names and getattr(getattr(cur, "response", None), "status_code", 0) in (500, 502, 503, 504):
+            return True
+        if isinstance(cur, TimeoutError | ConnectionError | LockError):
+            return True
+        if isinstance(cur, OSError) and cur.errno in TRANSIENT_ERRNOS:
+            return True
+        reason = getattr(cur, "reason", None)
+        cur = cur.__cause__ or (reason if isinstance(reason, BaseException) else None)
+    return False
 
 
 def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -77,10 +99,15 @@ RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor
 @task(name="stage", task_run_name="{stage}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", **RETRY)
 def stage_task(stage: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run DVC stage ``stage``'s command, record its outputs in ``dvc.lock``, return its summary."""
+    """Run DVC stage ``stage``'s command, record its outputs in ``dvc.lock`` (and, on a worker, push them to
+    the DVC remote), return its summary with its ``dvc.lock`` record (what another machine restores)."""
+    from flows import exchange
+
     lineage.run_stage(stage, log=get_run_logger().info, env=env)
     lineage.commit_stage(stage)
-    return stages.stage_summary(stage)
+    if exchange.active():  # before the cache record is written: a record never points at missing outputs
+        lineage.push_outputs(stage)
+    return stages.stage_summary(stage) | {exchange.LOCK_KEY: lineage.lock_entry(stage)}
 
 
 @dataclass
@@ -111,12 +138,20 @@ def on_board(stage: str, threads: int | None = None) -> Iterator[BoardEntry]:
 def run_stage(stage: str, threads: int | None = None) -> dict[str, Any]:
     """Run :func:`stage_task` now (its upstream stages are done): from the cache when DVC finds the
     stage up to date and a cache record exists, else for real (refreshing the record)."""
+    from flows import exchange
+
     with on_board(stage, threads) as entry:
-        state = stage_task.with_options(refresh_cache=lineage.stage_changed(stage))(stage, entry.env,
-                                                                                     return_state=True)
+        task = stage_task
+        if exchange.active():  # a worker's clone: inputs and earlier outputs come from the DVC remote
+            exchange.before_stage(stage)
+            task = task.with_options(result_storage=exchange.result_storage())
+        # its own commit: the cache record is written when the stage ends, not when the application's chain
+        # (the enclosing task) ends, so a crash later in the chain keeps the finished stages cached
+        with transaction(commit_mode=CommitMode.EAGER):
+            state = task.with_options(refresh_cache=lineage.stage_changed(stage))(stage, entry.env, return_state=True)
         if state.name == "Cached":
             entry.state = "cached"
-        return state.result()
+        return {k: v for k, v in state.result().items() if k != exchange.LOCK_KEY}
 
 
 @task(name="samples", cache_policy=None, **RETRY)
@@ -131,10 +166,12 @@ def stage_threads(concurrent: int) -> int:
     """Intra-op threads of each stage process when ``concurrent`` chains run at once (no oversubscription).
 
     Fixed for the whole phase, whatever finishes first: a stage's thread count changes its weights,
-    and they must not depend on timing. Cores that free up go to the stages through the board's
-    ``.cores`` files instead (evaluation trains its comparison models at once).
+    and they must not depend on timing. Cores that free up go to more training runs at once instead:
+    compare@APP beside finetune@APP (:func:`flows.sharing.beside`), and, through the board's ``.cores`` files, several
+    comparison models at once in compare@APP.
     """
     return runtime.share_threads(concurrent)
+
 
 
 @task(name="dataset", task_run_name="dataset-{dataset}", cache_policy=None)
@@ -158,24 +195,34 @@ def register_task(app: str, pretrain_run: dict[str, Any], params: str = PARAMS) 
 
 @task(name="dashboard", cache_policy=None)
 def dashboard_task(params: str = PARAMS) -> dict[str, Any]:
-    """Regenerate the team dashboard (``reports/dashboard/index.html``) and link it from a Prefect artifact."""
+    """Regenerate the team dashboard and link it from a Prefect artifact: with a tracking server and
+    ``MAPEX_DASHBOARD_URL`` (``.cluster/env``), publish it to the server and link that address (the team's
+    dashboard service); else write ``reports/dashboard/index.html`` and link the file."""
+    import os
     from pathlib import Path
 
-    from mapex_core.dashboard import DEFAULT_OUT, write_dashboard
+    from mapex_core import dashboard as dash
 
-    summary = write_dashboard(DEFAULT_OUT, params=params)
-    create_link_artifact(key="mapex-dashboard", link=Path(summary["index"]).resolve().as_uri(),
-                         link_text="MAPEX dashboard: per-task models", description="Open from this machine's disk")
+    url, text = os.environ.get("MAPEX_DASHBOARD_URL", ""), "MAPEX dashboard: per-task models"
+    if url.startswith(("http://", "https://")) and dash.server_configured():
+        summary = dash.publish_dashboard(params=params) | {"index": url}
+        create_link_artifact(key="mapex-dashboard", link=url, link_text=text,
+                             description=f"The team's dashboard (MLflow run {summary['run_id']})")
+        return summary
+    summary = dash.write_dashboard(dash.DEFAULT_OUT, params=params)
+    create_link_artifact(key="mapex-dashboard", link=Path(summary["index"]).resolve().as_uri(), link_text=text,
+                         description="Open from this machine's disk")
     return summary
 
 
 @task(name="application", task_run_name="application-{app}", cache_policy=None)
 def app_chain(app: str, pretrain_run: dict[str, Any], params: str = PARAMS,
               threads: int | None = None) -> dict[str, Any]:
-    """prune -> finetune -> evaluate -> register + gate for one application; its summary row (under
-    ``prune.target: smallest_within_tolerance`` the prune stage is the accuracy-size sweep)."""
+    """prune -> finetune and compare (beside it) -> evaluate -> register + gate for one application; its
+    summary row (under ``prune.target: smallest_within_tolerance`` the prune stage is the accuracy-size sweep)."""
     prune = run_stage(f"prune@{app}", threads)
-    run_stage(f"finetune@{app}", threads)
+    with beside(lambda: run_stage(f"compare@{app}", threads), threads, block=f"finetune@{app}"):
+        run_stage(f"finetune@{app}", threads)
     metrics = run_stage(f"evaluate@{app}", threads)
     return summary_row(app, prune, metrics, register_task(app, pretrain_run, params), params)
 
@@ -184,7 +231,7 @@ def plan(apps: list[str], params: str = PARAMS, fetch_samples: bool = True) -> l
     """The stages a retrain of ``apps`` runs, in order (the rows of its progress board)."""
     datasets = list(project.load_datasets(params))
     return ((["samples"] if fetch_samples else []) + [f"{k}@{d}" for d in datasets for k in ("ingest", "validate")]
-            + ["pretrain"] + [f"{k}@{a}" for a in apps for k in ("prune", "finetune", "evaluate", "register")]
+            + ["pretrain"] + [f"{k}@{a}" for a in apps for k in ("prune", "finetune", "compare", "evaluate", "register")]
             + ["dashboard"])
 
 
@@ -203,9 +250,12 @@ def run_board(stages_planned: list[str]) -> Iterator[progress.StageBoard]:
 
 
 def _flow_setup(params: str) -> None:
+    from flows import exchange
     from mapex_core import tracking
 
     project.check_params_file(params)
+    if exchange.active():
+        exchange.prepare()
     tracking.configure()  # fails fast, before any training, when the tracking server is unreachable
 
 
@@ -299,7 +349,8 @@ def finetune_flow(apps: list[str] | None = None, params: str = PARAMS) -> dict[s
 
 @flow(name="evaluate")
 def evaluate_flow(apps: list[str] | None = None, params: str = PARAMS) -> dict[str, Any]:
-    """Evaluate each application (pruned vs unpruned vs scratch)."""
+    """Evaluate each application (pruned vs unpruned vs scratch), its comparison models first (compare@APP)."""
+    _per_app("compare", apps, params)
     return _per_app("evaluate", apps, params)
 
 
@@ -315,7 +366,7 @@ class AppsFailed(RuntimeError):
 def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: bool = True,
             ingest_on_dask: str | None = None) -> list[dict[str, Any]]:
     """The weekly job: samples -> ingest -> validate -> pretrain -> per app (concurrently)
-    prune -> finetune -> evaluate -> register + promotion gate; a summary artifact at the end.
+    prune -> finetune and compare -> evaluate -> register + promotion gate; a summary artifact at the end.
 
     Args:
         apps: applications to (re)train; default ``pipeline.apps`` of ``params``.
@@ -333,6 +384,14 @@ def retrain(apps: list[str] | None = None, params: str = PARAMS, fetch_samples: 
     _flow_setup(params)
     with run_board(plan(names, params, fetch_samples)):
         rows, failed, dash, pretrain_run = _retrain(names, params, fetch_samples, ingest_on_dask)
+    from flows import exchange
+
+    if exchange.active():  # the dvc.lock of every stage, for `git clone -b mapex-results && dvc pull`
+        from prefect.runtime import flow_run
+
+        published = exchange.publish_lock(flow_run.name or "retrain")
+        get_run_logger().info("dvc.lock pushed to %s (branch %s, tag %s)", published["repository"],
+                              published["branch"], published["tag"])
     create_markdown_artifact(summary_markdown(rows, pretrain_run, failed, dash), key="retrain-summary",
                              description="MAPEX retrain: per-application models")
     get_run_logger().info("retrain finished: %s", ", ".join(f"{r['app']} v{r['version']} ({r['decision']})" for r in rows))
@@ -354,7 +413,8 @@ def _retrain(names: list[str], params: str, fetch_samples: bool, ingest_on_dask:
 
     pretrain_run, pools = handoff.pretrain_stage(params)
     if pools:  # each application's chain as its own flow run on pool cpu: several workers take them at once
-        done, failed = _gather({a: handoff.app_on_pool.submit(a, pretrain_run, params) for a in names})
+        concurrent = min(WORKERS, len(names))
+        done, failed = _gather({a: handoff.app_on_pool.submit(a, pretrain_run, params, concurrent) for a in names})
     else:
         threads = stage_threads(min(WORKERS, len(names)))
         done, failed = _gather({a: app_chain.submit(a, pretrain_run, params, threads) for a in names})
@@ -366,53 +426,3 @@ def _retrain(names: list[str], params: str, fetch_samples: bool, ingest_on_dask:
         get_run_logger().error("dashboard not written: %s", exc)
         dash = f"not written ({type(exc).__name__}: {exc})"
     return rows, failed, dash, pretrain_run
-
-
-def summary_row(app: str, prune: dict[str, Any], metrics: dict[str, Any], reg: dict[str, Any],
-                params: str = PARAMS) -> dict[str, Any]:
-    """One application's line of the retrain summary."""
-    from mapex_core.apps import get_application
-
-    application = get_application(app, params)
-    return {"app": app, "modalities": application.modalities, "metric": metrics["metric"],
-            "params_full": metrics["unpruned"]["params"], "params_pruned": metrics["pruned"]["params"],
-            "encoder_reduction": prune["reduction"],
-            "pruned": metrics["pruned"]["value"], "unpruned": metrics["unpruned"]["value"],
-            "scratch": metrics["scratch"]["value"], "version": reg["version"], "decision": reg["decision"],
-            "champion": reg.get("champion"), "aliases": reg.get("aliases", []), "reasons": reg.get("reasons", []),
-            "sweep_chosen": prune.get("sweep_chosen"), "sweep_points": prune.get("sweep_points"),
-            "tolerance": prune.get("tolerance")}
-
-
-def summary_markdown(rows: list[dict[str, Any]], pretrain_run: dict[str, Any] | None = None,
-                     failed: dict[str, BaseException] | None = None, dashboard: str | None = None) -> str:
-    """The retrain summary as a markdown table (with a link to the dashboard page when given)."""
-    lines = ["# MAPEX retrain", ""]
-    if dashboard:
-        from pathlib import Path
-
-        page = Path(dashboard)
-        lines += [f"Dashboard: [{dashboard}]({page.resolve().as_uri()})" if page.suffix == ".html"
-                  else f"Dashboard: {dashboard}", ""]
-    if pretrain_run:
-        lines += [f"Pre-trained model: `mapex-pretrained` v{pretrain_run['version']} "
-                  f"(MLflow run `{pretrain_run['run_id']}`)", ""]
-    lines += ["| application | modalities | parameters full -> pruned | metric | pruned | unpruned | scratch "
-              "| version (aliases) | gate | champion |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        aliases = ", ".join(r["aliases"]) or "no alias"
-        champion = f"v{r['champion']}" if r["champion"] else "none yet"
-        lines.append(f"| {r['app']} | {', '.join(r['modalities'])} | {r['params_full']:,} -> {r['params_pruned']:,} "
-                     f"({1 - r['params_pruned'] / r['params_full']:.0%} fewer) | {r['metric']} | {r['pruned']:.3f} "
-                     f"| {r['unpruned']:.3f} | {r['scratch']:.3f} | v{r['version']} ({aliases}) | {r['decision']} "
-                     f"| {champion} |")
-    for app, exc in (failed or {}).items():
-        lines.append(f"| {app} | failed: {str(exc).splitlines()[0][:120]} | | | | | | | | |")
-    lines += ["", "Gate reasons:", ""] + [f"- **{r['app']}**: {'; '.join(r['reasons'])}" for r in rows]
-    swept = [r for r in rows if r.get("sweep_chosen")]
-    if swept:  # prune.target smallest_within_tolerance: the registered size came from an accuracy-size sweep
-        lines += ["", "Sizes chosen by a sweep (prune.target: smallest_within_tolerance):", ""] + [
-            f"- **{r['app']}**: point {r['sweep_chosen']['index'] + 1} of {r['sweep_points']}, "
-            f"{r['sweep_chosen']['kept_per_layer']} experts per MoE layer, {r['sweep_chosen']['params']:,} parameters, "
-            f"{r['metric']} {r['sweep_chosen']['value']:.3f} (within {r['tolerance']} of the full group)" for r in swept]
-    return "\n".join(lines) + "\n"

@@ -360,6 +360,33 @@ def finetune(
 
 
 @app.command()
+def compare(
+    app_name: str = APP,
+    checkpoint: Path = typer.Option(None, help="Pruned model folder (default: outputs/apps/APP/pruned)."),
+    pretrained: Path = typer.Option(None, help=f"Unpruned pre-trained model (default: {PRETRAIN_DIR})."),
+    chips: Path = typer.Option(None, help="Labelled chip store (default: the app's chips)."),
+    out: Path = typer.Option(None, help="Output folder (default: outputs/apps/APP/compare)."),
+    params: Path = PARAMS_OPT,
+    device: str = DEVICE,
+    quiet: bool = typer.Option(False, help="No progress bar."),
+    force: bool = FORCE,
+) -> None:
+    """Train the evaluation's comparison models (unpruned, from scratch, pruned of the other seeds) for evaluate.
+
+    They need no fine-tuned model: the retrain runs this beside finetune. evaluate loads them from OUT.
+
+    Without --checkpoint/--pretrained/--chips/--out this is the pipeline stage compare@APP.
+    """
+    from mapex_core import stages
+
+    with progress(f"compare {app_name}", quiet) as update:
+        summary = stages.compare(app_name, params, checkpoint=checkpoint, pretrained=pretrained, chips=chips, out=out,
+                                 device=device, force=force,
+                                 on_step=lambda s, total, info: update(s, total, _step_info(info)))
+    print_json(summary)
+
+
+@app.command()
 def evaluate(
     app_name: str = APP,
     checkpoint: Path = typer.Option(None, help="Fine-tuned (pruned) task model folder "
@@ -369,6 +396,8 @@ def evaluate(
                              "written next to it)."),
     pretrained: Path = typer.Option(None, help=f"Unpruned pre-trained model (default: {PRETRAIN_DIR} for the "
                                     "pipeline's model, else the fine-tuned model's lineage)."),
+    compared: Path = typer.Option(None, help="Comparison models written by `mapex compare` (default: "
+                                  "outputs/apps/APP/compare for the pipeline's model); the others are trained here."),
     params: Path = PARAMS_OPT,
     device: str = DEVICE,
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -383,7 +412,7 @@ def evaluate(
 
     with progress(f"evaluate {app_name}", quiet) as update:
         report = stages.evaluate(app_name, params, checkpoint=checkpoint, chips=chips, out=out, pretrained=pretrained,
-                                 force=force,
+                                 force=force, compared=compared,
                                  device=device, on_step=lambda s, total, info: update(s, total, _step_info(info)))
     print_json({"app": report["app"], "metric": report["metric"], "test_chips": report["test_chips"],
                 "out": report["out"]}
@@ -485,7 +514,8 @@ def serve(
     alias: str = ALIAS,
     host: str = typer.Option("127.0.0.1", help="Interface to bind; the default keeps it on this machine."),
     port: int = typer.Option(5001, min=1, max=65535, help="Port."),
-    workers: int = typer.Option(1, min=1, help="Server worker processes."),
+    workers: int = typer.Option(None, min=1, help="Server worker processes, each with its own copy of the model, "
+                                "batching its own requests (default: one per CPU core this process may use)."),
     max_body_mb: float = typer.Option(None, "--max-body-mb", min=0.001, max=4096,
                                       help="Largest request body in MiB (default: the model's largest valid "
                                       "request in the compact form, at least 32)."),
@@ -502,14 +532,15 @@ def serve(
     modality of the app; response: {"predictions": {"probabilities" | "mask": ..., "classes": [...]}}.
     A request that breaks the input contract gets HTTP 400 with what was expected; a malformed one
     (not JSON, no JSON Content-Type, too deeply nested, over the body limit) a short 4xx.
-    Concurrent requests share forward passes (adaptive batching: a lone request never waits).
+    Concurrent requests share forward passes (adaptive batching: a lone request never waits), in
+    each of the worker processes (one per CPU core by default).
     """
     from mapex_core import delivery
 
     def announce(info: dict[str, Any]) -> None:
         typer.echo(f"serving mapex-{app_name}@{alias} (version {info['version']}) on http://{host}:{port}"
                    f"/invocations (store {info['store']}, body limit {info['max_body'] / 2**20:.1f} MiB, "
-                   f"batches of up to {info['max_batch']} chips, wait {info['max_wait_ms']:g} ms)", err=True)
+                   f"{info['workers']} worker process{'es' if info['workers'] != 1 else ''}, batches of up to {info['max_batch']} chips, wait {info['max_wait_ms']:g} ms)", err=True)
 
     delivery.serve(app_name, alias, host, port, workers, max_body_mb, announce=announce, max_batch=max_batch,
                    max_wait_ms=max_wait_ms)
@@ -587,23 +618,46 @@ def info(path: Path = typer.Argument(..., help="A model folder or a chip store."
 @app.command()
 def dashboard(
     out: Path = typer.Option(Path("reports/dashboard"), help="Folder of the static site (index.html, dashboard.json)."),
-    params: Path = typer.Option(Path("params.yaml"), help="params.yaml of the project."),
-    serve: bool = typer.Option(False, "--serve", help="Then serve the folder over HTTP until Ctrl-C."),
-    host: str = typer.Option("127.0.0.1", help="Interface --serve binds; the default keeps it on this machine."),
+    params: Path = typer.Option(None, help="params.yaml of the project (default ./params.yaml; optional with "
+                                "--publish, where it puts pipeline.apps first)."),
+    serve: bool = typer.Option(False, "--serve", help="Then serve over HTTP until Ctrl-C: with a tracking server "
+                               "(MLFLOW_TRACKING_URI http...) or --publish, the newest page published to it "
+                               "(followed as newer ones are published); else the folder OUT."),
+    publish: bool = typer.Option(False, "--publish", help="Build the page from the tracking server alone and log "
+                                 "it as a run of experiment mapex-dashboard (what --serve shows the team)."),
+    host: str = typer.Option("127.0.0.1", help="Interface --serve binds; the default keeps it on this machine "
+                             "(0.0.0.0 opens it to the network)."),
     port: int = typer.Option(8765, min=0, max=65535, help="Port of --serve (0: any free port)."),
+    refresh: float = typer.Option(15.0, min=0.5, help="Seconds between checks for a newer published page (--serve "
+                                  "of a published page)."),
     force: bool = FORCE,
 ) -> None:
     """Write the team dashboard: one card per application (champion, challenger, gate, size, lineage),
     metric history, pruned vs unpruned vs scratch, expert-usage heatmaps, pre-training and data.
 
-    The page is self-contained (no CDN): open OUT/index.html from disk, or use --serve.
+    The page is self-contained (no CDN): open OUT/index.html from disk, or use --serve. With a tracking
+    server, --publish puts it on the server and --serve serves the newest published page.
     """
-    from mapex_core.dashboard import serve_dashboard, write_dashboard
+    from mapex_core.dashboard import (
+        publish_dashboard,
+        serve_dashboard,
+        serve_published,
+        server_configured,
+        write_dashboard,
+    )
 
-    print_json(write_dashboard(out, params=params, force=force))
+    published = publish or (serve and server_configured())
+    if publish:
+        print_json(publish_dashboard(params if params is not None or not Path("params.yaml").is_file()
+                                     else Path("params.yaml")))
+    elif not published:
+        print_json(write_dashboard(out, params=params or Path("params.yaml"), force=force))
     if serve:
         try:
-            serve_dashboard(out, host=host, port=port)
+            if published:
+                serve_published(host=host, port=port, refresh_s=refresh)
+            else:
+                serve_dashboard(out, host=host, port=port)
         except OSError as exc:
             fail(f"cannot serve on {host}:{port}: {exc}")
 

@@ -82,7 +82,7 @@ def export(app: str, fmt: str, out: str | Path, alias: str = "champion", model: 
     return export_task_model(folder, out, fmt, lineage, force=force)
 
 
-def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int = 5001, workers: int | None = None,
           max_body_mb: float | None = None, announce: Callable[[dict[str, Any]], None] | None = None,
           max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
     """``mapex serve``: serve ``mapex-APP@ALIAS`` over REST until SIGTERM or Ctrl-C.
@@ -93,10 +93,12 @@ def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int 
     requests share forward passes (:mod:`mapex_core.tracking.batching`).
 
     Args:
+        workers: server worker processes, each loading the model and batching its own requests (default:
+            one per CPU core this process may use, :func:`mapex_core.tracking.server.serve_workers`).
         max_body_mb: the request body limit in MiB (default: the model's largest valid request in the
             compact form, at least 32 MiB).
-        announce: called with ``version``, ``store``, ``max_body`` (bytes), ``max_batch`` (rows) and
-            ``max_wait_ms`` just before the server starts.
+        announce: called with ``version``, ``store``, ``max_body`` (bytes), ``workers``, ``max_batch`` (rows)
+            and ``max_wait_ms`` just before the server starts.
         max_batch, max_wait_ms: the most rows in one forward (1: no batching) and the longest a request
             waits for others on their way (default: ``MAPEX_SERVE_MAX_BATCH`` / ``MAPEX_SERVE_MAX_WAIT_MS``,
             else 64 rows and 2 ms).
@@ -106,10 +108,11 @@ def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int 
     """
     from mapex_core import tracking
     from mapex_core.tracking.batching import check_settings, settings_from_env
-    from mapex_core.tracking.server import serve_model
+    from mapex_core.tracking.server import serve_model, serve_workers
 
     check_name(app)
     check_alias(alias)
+    workers = serve_workers(workers)  # (the default resolved there, once)
     default_batch, default_wait = settings_from_env()  # (a bad variable is an error now, named)
     check_settings(default_batch if max_batch is None else max_batch, default_wait, "--max-batch")
     check_settings(default_batch, default_wait if max_wait_ms is None else max_wait_ms, "--max-wait-ms")
@@ -120,8 +123,8 @@ def serve(app: str, alias: str = "champion", host: str = "127.0.0.1", port: int 
     def started(max_body: int) -> None:
         if announce is not None:
             batch, wait = settings_from_env()  # what serve_model set for the model
-            announce({"version": version, "store": uri, "max_body": max_body, "max_batch": batch,
-                      "max_wait_ms": wait})
+            announce({"version": version, "store": uri, "max_body": max_body, "workers": workers,
+                      "max_batch": batch, "max_wait_ms": wait})
 
     serve_model(f"models:/{tracking.registered_name(app)}/{version}", host, port, workers, max_body_mb, started,
                 max_batch, max_wait_ms)

@@ -6,6 +6,11 @@ what the flows key their task cache on; ``stage_changed`` is ``dvc status`` for 
 ``run_stage`` runs the stage's command; ``commit_stage`` records the outputs in ``dvc.lock``, so
 ``dvc repro`` afterwards finds the pipeline up to date. Operations wait while another process
 holds DVC's repo lock.
+
+Across machines (workers that share no folder, :mod:`flows.exchange`): ``lock_entry`` /
+``merge_lock_entries`` carry a stage's ``dvc.lock`` record from the machine that ran it to another,
+``producers`` names the stages whose outputs a stage reads, and ``pull_outputs`` / ``push_outputs``
+move outputs through the DVC remote.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 # one DVC operation at a time per process (DVC's repo lock guards against other processes)
 _DVC_LOCK = threading.Lock()
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this mapex_core
 
 
 def git_sha(root: str | Path = ".") -> str:
@@ -151,6 +157,8 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
         cmd = _stage(repo, name).cmd
     full_env = dict(os.environ) | (env or {})
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # the stage runs the same mapex_core as this process (on a worker: the deployed commit's clone)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     if log is not None:
         log(f"{name}: {cmd}")
     proc = subprocess.run(shlex.split(cmd), cwd=root, env=full_env, capture_output=True, text=True, check=False)
@@ -188,3 +196,82 @@ def output_hash(path: str | Path, root: str | Path = ".") -> str | None:
             if Path(out.get("path", "")).as_posix().rstrip("/") == want:
                 return out.get("md5")
     return None
+
+
+# ----- outputs across machines -------------------------------------------------------------------
+
+
+def _read_lock(root: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return {"schema": "2.0", "stages": {}}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    data.setdefault("stages", {})
+    return data
+
+
+def lock_entry(name: str, root: str | Path = ".") -> dict[str, Any] | None:
+    """Stage ``name``'s record in ``dvc.lock`` (command, dependency and output hashes), or ``None``."""
+    return _read_lock(root)["stages"].get(name)
+
+
+def merge_lock_entries(entries: dict[str, dict[str, Any]], root: str | Path = ".") -> None:
+    """Write the ``dvc.lock`` records ``entries`` (stage name -> record, as :func:`lock_entry` returns them,
+    made on another machine) into this project's ``dvc.lock``, keeping the other stages' records."""
+    import yaml
+
+    from mapex_core.io import atomic_write_text
+
+    def merge() -> None:
+        with _repo(root) as repo, repo.lock:
+            data = _read_lock(root)
+            data["stages"].update(entries)
+            atomic_write_text(Path(root) / "dvc.lock", yaml.safe_dump(data, sort_keys=False))
+
+    _retry_locked(merge)
+
+
+def producers(name: str, root: str | Path = ".") -> list[str]:
+    """The stages whose outputs stage ``name`` depends on (a dependency on a folder counts every stage
+    writing inside it), in ``dvc.yaml`` order."""
+    with _repo(root) as repo:
+        deps = [Path(d.fs_path) for d in _stage(repo, name).deps if not hasattr(d, "read_params")]
+        found = []
+        for stage in repo.index.stages:
+            outs = [Path(o.fs_path) for o in stage.outs]
+            if any(o == d or d in o.parents or o in d.parents for o in outs for d in deps):
+                found.append(stage.addressing)
+        return found
+
+
+def outputs_present(name: str, root: str | Path = ".") -> bool:
+    """Whether every output of stage ``name`` exists in the workspace (not whether it is up to date)."""
+    with _repo(root) as repo:
+        return all(Path(o.fs_path).exists() for o in _stage(repo, name).outs)
+
+
+def pull_outputs(names: list[str], root: str | Path = ".") -> None:
+    """``dvc pull`` the outputs of stages ``names`` as ``dvc.lock`` records them, from the default remote."""
+    from mapex_core.remote_errors import dvc_remote_errors
+
+    def pull() -> None:  # a remote that does not answer: RemoteUnavailable naming it (transient)
+        with _repo(root) as repo, dvc_remote_errors(root):
+            repo.pull(targets=names)
+
+    _retry_locked(pull)
+
+
+def push_outputs(name: str, root: str | Path = ".") -> None:
+    """``dvc push`` stage ``name``'s outputs (as ``dvc.lock`` records them) to the default remote."""
+    from mapex_core.remote_errors import dvc_remote_errors
+
+    def push() -> None:
+        with _repo(root) as repo, dvc_remote_errors(root):
+            repo.push(targets=[name])
+
+    _retry_locked(push)

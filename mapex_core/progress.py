@@ -7,8 +7,8 @@ The retrain flow runs each stage as its own process. Two small files connect the
   callbacks, throttled to a few writes a second);
 * the flow writes the number of CPU cores the stage may use now to the same path plus ``.cores``:
   its share of the machine among the stages running at that moment, so when the others finish, the
-  last one running gets every core (:func:`available_cores`). Evaluation uses them to train its
-  comparison models at once. A stage's intra-op thread count (``OMP_NUM_THREADS``) is fixed when it
+  last one running gets every core (:func:`available_cores`). compare@APP (run beside finetune@APP)
+  uses them to train the evaluation's comparison models at once. A stage's intra-op thread count (``OMP_NUM_THREADS``) is fixed when it
   starts and never changes: a different thread count gives different weights (floating-point sums in
   another order), and a stage's output must not depend on what ran beside it.
 

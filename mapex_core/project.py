@@ -10,6 +10,7 @@ A MAPEX project is a folder with ``params.yaml`` (every knob; the DVC params fil
     outputs/pretrain/                       pretrain: config.json, model.safetensors, metrics.json, loss.csv
     outputs/apps/APP/pruned/                prune@APP: pruned model + prune_report.json
     outputs/apps/APP/finetuned/             finetune@APP: task model + finetune.json
+    outputs/apps/APP/compare/               compare@APP: the evaluation's comparison models + compare.json
     reports/APP/evaluation.json, metrics.json  evaluate@APP
 """
 

@@ -233,14 +233,45 @@ def finetune(app: str | Application, params: Params = None, *, checkpoint: str |
     return summary | {"out": str(out)}
 
 
+def compare_dir(app: str) -> Path:
+    """Where compare@APP writes the evaluation's comparison models: ``outputs/apps/APP/compare``."""
+    return app_paths(app).pruned.parent / "compare"
+
+
+def compare(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
+            pretrained: str | Path | None = None, chips: str | Path | None = None, out: str | Path | None = None,
+            device: str | None = None, on_step: Progress | None = None, force: bool = False) -> dict[str, Any]:
+    """compare@APP: the evaluation's comparison models, trained without the fine-tuned model (beside finetune@APP).
+
+    The unpruned (``pretrained``, default ``outputs/pretrain``) and from-scratch models of every seed, and
+    the pruned model (``checkpoint``, default ``outputs/apps/APP/pruned``) of the seeds other than the
+    first (the fine-tuned one), each fine-tuned with the app's budget
+    (:func:`mapex_core.training.compare.compare_app`), into ``out`` (default :func:`compare_dir`), which
+    evaluate@APP loads.
+
+    ``force``: replace ``out`` even when it is not a folder of comparison models."""
+    from mapex_core.training.compare import compare_app
+
+    application, chips = _app_chips(app, params, chips)
+    out = Path(out) if out is not None else compare_dir(application.name)
+    summary = compare_app(application, checkpoint or app_paths(application.name).pruned, pretrained or PRETRAIN_DIR,
+                          chips, out, device=_device(device, params), on_step=on_step, force=force)
+    return summary | {"out": str(out)}
+
+
 METRICS_KEYS = ("metric", "test_chips")  # how an existing metrics.json of an evaluation is recognised
 
 
 def evaluate(app: str | Application, params: Params = None, *, checkpoint: str | Path | None = None,
              chips: str | Path | None = None, out: str | Path | None = None,
              pretrained: str | Path | None = None, device: str | None = None,
-             on_step: Progress | None = None, force: bool = False) -> dict[str, Any]:
+             on_step: Progress | None = None, force: bool = False,
+             compared: str | Path | None = None) -> dict[str, Any]:
     """evaluate@APP: pruned vs unpruned vs from-scratch on the test split.
+
+    The comparison models come from ``compared`` (default for the pipeline's fine-tuned model:
+    compare@APP's folder, :func:`compare_dir`, when it exists) when it was made from the same inputs;
+    the others are trained here (:func:`mapex_core.training.evaluate.evaluate_app`): the same report.
 
     Writes the report (default ``reports/APP/evaluation.json``) and, next to it, ``metrics.json``
     (:func:`summary_metrics`: what DVC, MLflow and the gate read). Both are checked before any work:
@@ -261,10 +292,12 @@ def evaluate(app: str | Application, params: Params = None, *, checkpoint: str |
                           lambda p: json_with_keys(p, METRICS_KEYS), force)
 
     check()
-    if checkpoint is None:  # the pipeline's fine-tuned model: its unpruned model is the pipeline's
+    if checkpoint is None:  # the pipeline's fine-tuned model: its unpruned and comparison models are the pipeline's
         pretrained = pretrained or PRETRAIN_DIR
+        if compared is None and compare_dir(application.name).is_dir():
+            compared = compare_dir(application.name)
     report = evaluate_app(application, checkpoint or paths.finetuned, chips, None, device=_device(device, params),
-                          pretrained=pretrained, on_step=on_step)
+                          pretrained=pretrained, on_step=on_step, compared=compared)
     check()  # again: something may have appeared meanwhile
     metrics.unlink(missing_ok=True)
     atomic_write_json(out, report)
@@ -286,19 +319,23 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
 # --- registration (the MLflow door) ---------------------------------------------------------------------
 
 def register_pretrained(params: Params = None) -> dict[str, Any]:
-    """Log the pre-training run and register ``mapex-pretrained`` (idempotent on the weights)."""
+    """Log the pre-training run and register ``mapex-pretrained`` (idempotent on the weights); the facts of
+    its chip stores go with it for the team dashboard (``pretrain/datasets.json``)."""
     from mapex_core import lineage, tracking
+    from mapex_core.dashboard.collect import pretrain_documents
 
     values, _ = read_params(params)
     tracking.configure()
     chips = {str(p): lineage.output_hash(p) for p in pretrain_chips(_source(params))}
-    return tracking.log_pretrain(PRETRAIN_DIR, values, chips, lineage.git_sha())
+    return tracking.log_pretrain(PRETRAIN_DIR, values, chips, lineage.git_sha(),
+                                 extras=pretrain_documents(_source(params)))
 
 
 def register(app: str, params: Params = None, pretrain_run: dict[str, Any] | None = None,
              root: str | Path = ".") -> dict[str, Any]:
     """register@APP: log the application's run from its stage outputs, register ``mapex-APP`` and
-    apply the promotion gate (idempotent on the weights).
+    apply the promotion gate (idempotent on the weights). What the team dashboard shows of it that only
+    this disk has (its sweep, its chip store's facts) is logged with the run (``reports/``).
 
     Returns:
         ``run_id``, ``version``, ``new``, the gate ``decision`` and ``reasons``, ``aliases`` of the
@@ -308,6 +345,7 @@ def register(app: str, params: Params = None, pretrain_run: dict[str, Any] | Non
         ValueError: a stage output is missing (names the file and the stage to run).
     """
     from mapex_core import lineage, tracking
+    from mapex_core.dashboard.collect import app_documents
 
     application = get_application(app, _source(params))
     paths = app_paths(app)
@@ -322,7 +360,8 @@ def register(app: str, params: Params = None, pretrain_run: dict[str, Any] | Non
             "pretrain_version": (pretrain_run or {}).get("version")}
     tracking.configure(root=root)
     return tracking.register_app(application, Path(root) / paths.finetuned, read["prune report"],
-                                 read["evaluation"], read["fine-tuning summary"], info, root=root)
+                                 read["evaluation"], read["fine-tuning summary"], info, root=root,
+                                 extras=app_documents(application, _source(params), root))
 
 
 def stage_summary(stage: str) -> dict[str, Any]:
@@ -349,6 +388,9 @@ def stage_summary(stage: str) -> dict[str, Any]:
     if kind == "finetune":
         f = read(paths.finetuned / "finetune.json")
         return {"app": name, "best_val": f["history"]["best_val"], "parameters": f["parameters"]}
+    if kind == "compare":
+        c = read(compare_dir(name) / "compare.json")
+        return {"app": name, "models": [f"{m['variant']} seed {m['seed']}" for m in c["models"]]}
     if kind == "evaluate":
         return read(paths.metrics)
     raise ValueError(f"no summary for stage {stage!r}")

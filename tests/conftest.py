@@ -3,6 +3,7 @@ throwaway Prefect API and a temporary MLflow store. Shared helpers (not fixtures
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,26 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
     yield tmp_path
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The team's servers (`mapex cluster up`) on free loopback ports in a temporary folder, for one test module."""
+    from flows import cluster as servers
+
+    try:
+        servers.pg_bindir(), servers.weed()
+    except servers.ClusterError as exc:
+        pytest.fail(f"{exc} (the cluster test needs `make cluster-deps`)")
+    from tests.cluster_support import Cluster, mapex
+
+    c = Cluster(tmp_path_factory.mktemp("team"))
+    c.base |= {k: "0" for k in servers.PORT_ENV.values()}  # any free ports: never a developer's running cluster
+    t0 = time.monotonic()
+    c.cli("up")
+    c.first_up_s = time.monotonic() - t0
+    try:
+        yield c
+    finally:
+        down = mapex(["cluster", "down", "--clean", "--dir", str(c.dir)], c.root, c.base)
+        assert down.returncode == 0, f"mapex cluster down --clean: {down.stderr[-3000:]}"

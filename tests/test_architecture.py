@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("mapex_core._env", 0), ("mapex_core.errors", 0), ("mapex_core.io", 0), ("mapex_core.names", 0),
     ("mapex_core.params", 0), ("mapex_core.modalities", 0), ("mapex_core.runtime", 0), ("mapex_core.progress", 0),
+    ("mapex_core.remote_errors", 0),
     ("mapex_core.model", 1), ("mapex_core.metrics", 1), ("mapex_core.tasks", 1), ("mapex_core.contract", 1),
     ("mapex_core.gate", 1),
     ("mapex_core.data", 2), ("mapex_core.pruning", 2),

@@ -23,92 +23,11 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_support import Cluster, base_env, http_json
 from tests.helpers import version_files
 
-CLIENT_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MAPEX_LOCK_URL", "AWS_ACCESS_KEY_ID",
-               "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "MAPEX_DVC_REMOTE", "MAPEX_DVC_ENDPOINT")
+SERVICES = ("postgres", "s3", "mlflow", "prefect", "dashboard")  # in the order `mapex cluster up` starts them
 APP = {"modalities": ["s2"], "task": "multilabel", "metric": "map_macro", "gate": {"tolerance": 0.01}}
-
-
-def mapex(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-def base_env(tmp: Path) -> dict[str, str]:
-    """This environment without any cluster client setting, Prefect and DVC state kept in ``tmp``."""
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
-    return env | {"PREFECT_HOME": str(tmp / "prefect-home"), "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"),
-                  "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-
-class Cluster:
-    """A cluster in ``root/.cluster``: its state (ports, credentials) and the environment a worker gets."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.dir = root, root / ".cluster"
-        self.base = base_env(root)
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return json.loads((self.dir / "cluster.json").read_text())
-
-    @property
-    def client(self) -> dict[str, str]:
-        from flows.cluster import read_env_file
-
-        return read_env_file(self.dir / "env")
-
-    @property
-    def env(self) -> dict[str, str]:
-        return self.base | self.client
-
-    def cli(self, *args: str) -> dict[str, Any]:
-        res = mapex(["cluster", *args, "--dir", str(self.dir)], self.root, self.base)
-        assert res.returncode == 0, f"mapex cluster {' '.join(args)}: {res.stderr[-3000:]}"
-        return json.loads(res.stdout)
-
-    def pg(self, database: str = "postgres") -> Any:
-        import psycopg2
-
-        from flows.cluster import db_url
-
-        return psycopg2.connect(db_url(self.state, database), connect_timeout=5)
-
-    def s3_keys(self, prefix: str) -> list[str]:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=self.client["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=self.client["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=self.client["AWS_SECRET_ACCESS_KEY"])
-        return [o["Key"] for o in s3.list_objects_v2(Bucket="mapex", Prefix=prefix).get("Contents", [])]
-
-
-def http_json(url: str, method: str = "GET", body: Any = None) -> Any:
-    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
-        text = resp.read().decode()
-    return json.loads(text) if text else None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    from flows import cluster as servers
-
-    try:
-        servers.pg_bindir(), servers.weed()
-    except servers.ClusterError as exc:
-        pytest.fail(f"{exc} (the cluster test needs `make cluster-deps`)")
-    c = Cluster(tmp_path_factory.mktemp("team"))
-    c.base |= {k: "0" for k in servers.PORT_ENV.values()}  # any free ports: never a developer's running cluster
-    t0 = time.monotonic()
-    c.cli("up")
-    c.first_up_s = time.monotonic() - t0
-    try:
-        yield c
-    finally:
-        mapex(["cluster", "down", "--clean", "--dir", str(c.dir)], c.root, c.base)
 
 
 @pytest.mark.slow
@@ -117,8 +36,7 @@ def test_up_serves_each_service_on_loopback_with_postgresql_underneath(cluster: 
 
     print(f"first `mapex cluster up`: {cluster.first_up_s:.1f} s")
     st = cluster.cli("status")
-    assert {s: v["state"] for s, v in st["services"].items()} == dict.fromkeys(("postgres", "s3", "mlflow", "prefect"),
-                                                                                "running")
+    assert {s: v["state"] for s, v in st["services"].items()} == dict.fromkeys(SERVICES, "running")
     # every socket each server listens on is on the loopback address
     for svc, info in st["services"].items():
         procs = [psutil.Process(info["pid"]), *psutil.Process(info["pid"]).children(recursive=True)]
@@ -132,6 +50,13 @@ def test_up_serves_each_service_on_loopback_with_postgresql_underneath(cluster: 
     assert http_json(cluster.client["PREFECT_API_URL"] + "/health") is True
     with urllib.request.urlopen(cluster.client["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as resp:  # noqa: S310
         assert resp.read() == b"OK"
+    # the team dashboard: up, and saying nothing is published yet (a retrain publishes it)
+    dash = cluster.client["MAPEX_DASHBOARD_URL"]
+    assert st["services"]["dashboard"]["url"] == dash
+    with urllib.request.urlopen(dash + "/health", timeout=10) as resp:  # noqa: S310 - loopback
+        assert resp.read() == b"OK"
+    with urllib.request.urlopen(dash + "/", timeout=10) as resp:  # noqa: S310 - loopback
+        assert resp.status == 200 and "No dashboard published" in resp.read().decode()
     # the work pools `mapex deploy` targets exist
     for pool in ("cpu", "gpu"):
         assert http_json(f"{cluster.client['PREFECT_API_URL']}/work_pools/{pool}")["type"] == "process"
@@ -151,7 +76,7 @@ def test_up_serves_each_service_on_loopback_with_postgresql_underneath(cluster: 
         wrong.list_objects_v2(Bucket="mapex")
     # idempotent: a second `up` starts nothing
     again = cluster.cli("up")
-    assert again["started"] == [] and again["already_running"] == ["postgres", "s3", "mlflow", "prefect"]
+    assert again["started"] == [] and again["already_running"] == list(SERVICES)
     assert {s: v["pid"] for s, v in again["services"].items()} == {s: v["pid"] for s, v in st["services"].items()}
 
 
@@ -339,86 +264,6 @@ def test_registrations_on_two_machines_are_serialised_by_the_server(cluster: Clu
     assert aliases == {"champion": champion.version, "challenger": second.version}
 
 
-def start_worker(cluster: Cluster, pool: str, name: str) -> tuple[subprocess.Popen, Path]:
-    """`mapex worker --pool POOL` in a folder of its own, reading the cluster's env file; its log file."""
-    folder = cluster.root / f"{name}-machine"
-    folder.mkdir(exist_ok=True)
-    log = folder / "worker.log"
-    # INFO: the worker's "submitting flow run" lines are what the test reads (`make` sets WARNING)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--pool", pool, "--name", name,
-                             "--env-file", str(cluster.dir / "env")], cwd=folder,
-                            env={**cluster.base, "PREFECT_LOGGING_LEVEL": "INFO"},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    return proc, log
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-@pytest.mark.slow
-def test_a_workers_retrain_pretrains_on_the_gpu_pool_and_each_application_on_the_cpu_pool(
-        cluster: Cluster, ben_root: Path) -> None:
-    """Point 1 of issue 15 on the tiny project: `mapex deploy`, a gpu and a cpu worker, then a run of
-    retrain/scheduled-retrain: its pre-training is a subflow run on pool gpu taken by the gpu worker, each
-    application a subflow run on pool cpu taken by the cpu worker; every application ends with a champion
-    whose run names the pre-training run."""
-    from mlflow import MlflowClient
-
-    from tests.pipeline_project import make_project
-
-    project = make_project(cluster.root / "project", ben_root)
-    res = mapex(["deploy"], project, cluster.env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    api = cluster.client["PREFECT_API_URL"]
-    workers = {pool: start_worker(cluster, pool, f"{pool}-1") for pool in ("gpu", "cpu")}
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(
-                any(w["name"] == f"{pool}-1" and w["status"] == "ONLINE"
-                    for w in http_json(f"{api}/work_pools/{pool}/workers/filter", method="POST", body={}))
-                for pool in workers):
-            time.sleep(1)
-        dep = http_json(f"{api}/deployments/name/retrain/scheduled-retrain")
-        run = http_json(f"{api}/deployments/{dep['id']}/create_flow_run", method="POST", body={})
-        deadline, state = time.monotonic() + 900, None
-        while time.monotonic() < deadline:
-            state = http_json(f"{api}/flow_runs/{run['id']}")["state"]
-            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(3)
-        logs = {pool: log.read_text() for pool, (_, log) in workers.items()}
-        assert state and state["type"] == "COMPLETED", (state, logs["cpu"][-3000:], logs["gpu"][-3000:])
-    finally:
-        for proc, _ in workers.values():
-            stop(proc)
-
-    def runs_of(flow: str) -> list[dict[str, Any]]:
-        return http_json(f"{api}/flow_runs/filter", method="POST", body={"flows": {"name": {"any_": [flow]}}})
-
-    (pretrain,) = runs_of("pretrain")
-    apps = runs_of("application")
-    assert (pretrain["work_pool_name"], pretrain["state"]["type"]) == ("gpu", "COMPLETED")
-    assert pretrain["parent_task_run_id"] is not None  # a subflow run of the retrain
-    assert f"submitting flow run '{pretrain['id']}'" in logs["gpu"]
-    assert sorted(r["parameters"]["app"] for r in apps) == ["landcover-s1", "landcover-s2"]
-    for r in apps:
-        assert (r["work_pool_name"], r["state"]["type"]) == ("cpu", "COMPLETED") and r["parent_task_run_id"]
-        assert f"submitting flow run '{r['id']}'" in logs["cpu"] and r["id"] not in logs["gpu"]
-    client = MlflowClient(tracking_uri=cluster.client["MLFLOW_TRACKING_URI"])
-    pre = client.get_model_version_by_alias("mapex-pretrained", "current")
-    for app in ("landcover-s1", "landcover-s2"):
-        champion = client.get_model_version_by_alias(f"mapex-{app}", "champion")
-        tags = client.get_run(champion.run_id).data.tags
-        assert tags["mapex.pretrain_run_id"] == pre.run_id and tags["mapex.app"] == app
-        assert champion.tags["model_sha256"] and champion.tags["git_sha"]
-
-
 @pytest.mark.slow
 def test_down_keeps_the_data_and_up_finds_it(cluster: Cluster) -> None:
     import psutil
@@ -428,15 +273,14 @@ def test_down_keeps_the_data_and_up_finds_it(cluster: Cluster) -> None:
     t0 = time.monotonic()
     down = cluster.cli("down")
     print(f"`mapex cluster down`: {time.monotonic() - t0:.1f} s")
-    assert sorted(down["stopped"]) == ["mlflow", "postgres", "prefect", "s3"] and down["removed"] == []
+    assert sorted(down["stopped"]) == sorted(SERVICES) and down["removed"] == []
     assert not any(psutil.pid_exists(v["pid"]) and psutil.Process(v["pid"]).status() != psutil.STATUS_ZOMBIE
                    for v in before["services"].values())
-    assert {s: v["state"] for s, v in cluster.cli("status")["services"].items()} == dict.fromkeys(
-        ("postgres", "s3", "mlflow", "prefect"), "stopped")
+    assert {s: v["state"] for s, v in cluster.cli("status")["services"].items()} == dict.fromkeys(SERVICES, "stopped")
     t0 = time.monotonic()
     up = cluster.cli("up")
     print(f"`mapex cluster up` with existing data: {time.monotonic() - t0:.1f} s")
-    assert up["started"] == ["postgres", "s3", "mlflow", "prefect"] and cluster.state["ports"] == ports
+    assert up["started"] == list(SERVICES) and cluster.state["ports"] == ports
     # what was there before: the MLflow run's artifact, the registry, the DVC remote's objects
     reader = cluster.root / "reader-after-restart"
     reader.mkdir()
@@ -606,3 +450,36 @@ def test_no_gpu_worker_setting_local_wait_fail_and_a_worker_online(prefect_harne
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_deployments_clone_the_pushed_commit_and_refuse_what_workers_would_not_see(tmp_path: Path) -> None:
+    """``mapex deploy``'s source: no git remote -> this folder (one machine); with one, the pushed HEAD; local
+    edits or an unpushed commit are refused with what to do, since workers clone the repository."""
+    from flows.deployments import ENTRYPOINTS, GitSource, build_deployments, git_source
+    from tests.cluster_support import git
+
+    repo, origin = tmp_path / "repo", tmp_path / "origin.git"
+    repo.mkdir()
+    git(["init", "-q", "-b", "main"], repo)
+    (repo / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    git(["add", "params.yaml"], repo)
+    git(["commit", "-q", "-m", "one"], repo)
+    assert git_source(repo) is None  # no remote: the deployments run in this folder
+    git(["init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    git(["remote", "add", "origin", str(origin)], repo)
+    with pytest.raises(ValueError, match=r"commit [0-9a-f]{12} is on no branch of .*origin.git: `git push` it first"):
+        git_source(repo)
+    git(["push", "-q", "origin", "main"], repo)
+    head = git(["rev-parse", "HEAD"], repo)
+    assert git_source(repo) == GitSource(str(origin), head)
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n# edited\n")
+    with pytest.raises(ValueError, match=r"uncommitted changes to tracked files \(M params.yaml .*commit and push"):
+        git_source(repo)
+    deps = build_deployments(str(repo / "params.yaml"), project_dir=repo, source=GitSource(str(origin), head))
+    for dep in deps:  # a git_clone pull step at the commit, the flow by its file, no folder of this machine
+        clone_step = dep.storage.to_pull_step()["prefect.deployments.steps.git_clone"]
+        assert (clone_step["repository"], clone_step["commit_sha"]) == (str(origin), head)
+        assert dep.entrypoint in ENTRYPOINTS.values() and "working_dir" not in dep.job_variables
+        assert dep.job_variables["env"] == {"MAPEX_EXCHANGE": "dvc"}
+    local = build_deployments(str(repo / "params.yaml"), project_dir=repo)
+    assert all(d.job_variables == {"working_dir": str(repo.resolve())} and d.storage is None for d in local)

@@ -127,3 +127,56 @@ def test_retry_condition_reads_the_failed_state() -> None:
 
     assert _retry_if_transient(None, None, Failed(data=StageFailed("pretrain", "mapex pretrain", 75, "")))
     assert not _retry_if_transient(None, None, Failed(data=ValueError("bad params")))
+
+
+def test_plan_has_compare_beside_finetune_in_each_app(tmp_path: Path) -> None:
+    import yaml
+
+    from flows.pipeline import plan
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    apps = ["landcover-s2", "landcover-s1"]
+    assert plan(apps, str(tmp_path / "params.yaml"), fetch_samples=False) == [
+        "ingest@bigearthnet", "validate@bigearthnet", "pretrain"] + [
+        f"{k}@{a}" for a in apps for k in ("prune", "finetune", "compare", "evaluate", "register")] + ["dashboard"]
+
+
+def test_a_stage_beside_another_starts_when_the_running_stages_leave_it_the_cores() -> None:
+    """compare@APP beside finetune@APP: a 1-thread stage at once; one that needs every core after the block;
+    not at all when the block fails before it started; its own error after the block."""
+    import threading
+    import time
+
+    from flows.sharing import beside, has_room
+    from mapex_core.progress import StageBoard, use_board
+    from mapex_core.runtime import cpu_count
+
+    n = cpu_count()
+    assert has_room(1, also=["finetune@a"]) and has_room(n) and not has_room(n, also=["finetune@a"])
+    started = threading.Event()
+    with beside(started.set, threads=1, block="finetune@a"):
+        assert started.wait(30)  # it ran while the block was still running
+    if n == 1:
+        return  # every stage has 1 thread: always room
+    events: list[str] = []
+    with use_board(StageBoard(["finetune@a", "compare@a"])) as board:
+        board.start("other@b")
+        assert has_room(n // 2) and not has_room(n // 2 + 1) and not has_room(None)  # beside one: half the cores
+        board.finish("other@b", "done")
+        with beside(lambda: events.append("compare"), threads=n, block="finetune@a", poll_s=0.05):
+            board.start("finetune@a")
+            time.sleep(0.3)
+            events.append("finetune done")
+            board.finish("finetune@a", "done")
+    assert events == ["finetune done", "compare"]
+    ran: list[str] = []
+    with pytest.raises(RuntimeError, match="finetune failed"), beside(lambda: ran.append("compare"), threads=n,
+                                                                       block="finetune@a", poll_s=0.05):
+        raise RuntimeError("finetune failed")
+    assert ran == []
+
+    def broken() -> None:
+        raise ValueError("compare failed")
+
+    with pytest.raises(ValueError, match="compare failed"), beside(broken, threads=1, block="finetune@a"):
+        pass

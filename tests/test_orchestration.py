@@ -71,8 +71,8 @@ def retrain_project() -> list[dict[str, Any]]:
 
 
 STAGES = ["ingest@bigearthnet", "validate@bigearthnet", "pretrain"] + [
-    f"{k}@{a}" for a in APPS for k in ("prune", "finetune", "evaluate")]
-S1_STAGES = {"prune@landcover-s1", "finetune@landcover-s1", "evaluate@landcover-s1"}
+    f"{k}@{a}" for a in APPS for k in ("prune", "finetune", "compare", "evaluate")]
+S1_STAGES = {"prune@landcover-s1", "finetune@landcover-s1", "compare@landcover-s1", "evaluate@landcover-s1"}
 
 
 # ----- the project's states (each made once per module, on top of the one before) -----------------

@@ -226,6 +226,35 @@ def test_the_forward_thread_ends_when_idle_and_a_new_request_starts_another(monk
     assert threads[0] is not threads[1]
 
 
+def test_a_batch_of_several_rows_runs_on_its_own_intra_op_threads() -> None:
+    """One row: ``threads``; several: ``batch_threads`` (the thread switching only when the setting changes);
+    torch's default for new threads is left as it was."""
+    import torch
+
+    from mapex_core.tracking.batching import Batcher
+
+    seen: list[tuple[int, int]] = []  # (rows, intra-op threads of the forward)
+
+    def forward(a: dict[str, np.ndarray]) -> np.ndarray:
+        seen.append((len(a["x"]), torch.get_num_threads()))
+        return a["x"] * 3
+
+    default = torch.get_num_threads()
+    batcher = Batcher(forward, max_batch=8, max_wait_ms=0, threads=1, batch_threads=2)
+    for rows in (1, 2, 3, 1, 1, 4):
+        x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)  # (rows, 2)
+        with batcher.request() as run:
+            np.testing.assert_array_equal(run({"x": x}), x * 3)
+    assert seen == [(1, 1), (2, 2), (3, 2), (1, 1), (1, 1), (4, 2)]
+    assert batcher.switches == 4  # 1 at the start, then 2, 1, 2
+    fresh: list[int] = []
+    th = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert fresh == [default]  # a new thread still starts with torch's default
+    assert Batcher(forward, threads=1).batch_threads == 1  # unset: as a lone request
+
+
 def test_settings_are_checked_and_errors_name_the_variable_or_option() -> None:
     from mapex_core.tracking.batching import (
         DEFAULT_MAX_BATCH,
@@ -244,6 +273,12 @@ def test_settings_are_checked_and_errors_name_the_variable_or_option() -> None:
             settings_from_env(env)
     with pytest.raises(ValueError, match="--max-wait-ms.*1000"):
         check_settings(8, 5000, "--max-wait-ms")
+    from mapex_core.tracking.batching import batch_threads_from_env
+
+    assert batch_threads_from_env({}) is None and batch_threads_from_env({"MAPEX_SERVE_BATCH_THREADS": " 2"}) == 2
+    for bad in ("0", "two", "-1", "auto"):
+        with pytest.raises(ValueError, match="MAPEX_SERVE_BATCH_THREADS must be a whole number of threads >= 1"):
+            batch_threads_from_env({"MAPEX_SERVE_BATCH_THREADS": bad})
 
 
 def test_mapex_serve_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
@@ -347,8 +382,8 @@ def test_the_pyfunc_batches_concurrent_callers_and_answers_as_one_by_one(tmp_pat
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``mapex serve`` of each app in :data:`APPS`, registered in a temporary store; yields
-    ``{name: (port, model folder)}``."""
+    """``mapex serve --workers 1`` of each app in :data:`APPS` (one process: its stop line counts all the
+    forwards), registered in a temporary store; yields ``{name: (port, model folder)}``."""
     import mlflow
 
     from mapex_core import tracking
@@ -377,7 +412,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
         ports[name], logs[name] = free_port(), root / f"{name}.log"
         with open(logs[name], "w") as err:
             procs[name] = subprocess.Popen([sys.executable, "-m", "mapex_core.cli", "serve", "--app", name, "--port",
-                                            str(ports[name]), "--max-wait-ms", "5"], cwd=root, env=env,
+                                            str(ports[name]), "--max-wait-ms", "5", "--workers", "1"], cwd=root, env=env,
                                            stdout=subprocess.DEVNULL, stderr=err)
     try:
         for name in APPS:

@@ -12,6 +12,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,7 +58,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """`mapex serve --max-body-mb 1` of a tiny real multilabel S2 model (32 px chips), registered as
-    ``mapex-demo`` in a temporary store; yields ``(port, model folder, server temp folder)``."""
+    ``mapex-demo`` in a temporary store, with the default workers (one process per CPU core: several
+    wherever the tests have several cores); yields ``(port, model folder, server temp folder)``."""
     import mlflow
 
     from mapex_core import tracking
@@ -94,9 +96,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    assert proc.returncode == 0, log.read_text()  # a graceful stop ...
-    assert "Traceback" not in log.read_text()
+    from mapex_core.runtime import cpu_count
+
+    text = log.read_text()
+    assert proc.returncode == 0, text  # a graceful stop ...
+    assert "Traceback" not in text
     assert not list(tmp.glob("mapex-serve-*"))  # ... that removed the downloaded model
+    n = cpu_count()  # the default: one worker per core, each saying how it batched when it stopped
+    assert f", {n} worker process{'es' if n > 1 else ''}, " in text, text[-2000:]
+    stops = re.findall(r"mapex serve: \d+ requests \(\d+ chips\) in \d+ forward passes \(process (\d+)\)", text)
+    assert len(set(stops)) == len(stops) == n, text[-2000:]
 
 
 def chips(n: int = 2, seed: int = 0) -> np.ndarray:
@@ -475,3 +484,35 @@ def test_serve_refuses_a_registered_model_whose_config_disagrees_with_its_weight
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and "task_model: config.json field 'dim' = 32 does not match the weights" in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_the_default_workers_are_one_per_cpu_core_and_bad_counts_are_named() -> None:
+    from mapex_core.runtime import cpu_count
+    from mapex_core.tracking.server import serve_workers
+
+    assert serve_workers() == serve_workers(None) == cpu_count() >= 1
+    assert serve_workers(3) == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="--workers must be a whole number of processes >= 1"):
+            serve_workers(bad)
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_error_line(store: Path) -> None:
+    """Several workers, none can load the model: uvicorn would restart them for ever; the server stops
+    instead, with one error line that names the reason, exit 1, and its download removed."""
+    from mapex_core import tracking
+
+    tracking.register_app(demo_app(), **version_files(store, 1, 0.5))
+    codes = list((store / "mlflow" / "artifacts").rglob("mapex_pyfunc.py"))  # the model's code (models-from-code)
+    assert codes
+    for code in codes:  # the stored artifact, broken after registration (the task model folder stays valid)
+        code.write_text('raise RuntimeError("BROKEN-MODEL-CODE")\n')
+    tmp = store / "server-tmp"
+    tmp.mkdir()
+    res = mapex("serve", "--app", "demo", "--port", str(free_port()), "--workers", "2", cwd=store,
+                env=dict(os.environ, TMPDIR=str(tmp)), timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "a server worker process could not load models:/mapex-demo/1" in lines[0], lines
+    assert "BROKEN-MODEL-CODE" in res.stderr
+    assert not list(tmp.glob("mapex-serve-*"))

@@ -4,6 +4,10 @@
 (:mod:`~mapex_core.dashboard.collect`) and writes ``index.html`` (inline CSS and SVG charts, no
 CDN: it opens offline from a file URL) and ``dashboard.json`` (the same data, for scripts).
 ``serve_dashboard`` serves the folder on 127.0.0.1.
+
+For a team (:mod:`~mapex_core.dashboard.publish`): ``publish_dashboard`` builds the same page from the
+tracking server alone and logs it as a run of experiment ``mapex-dashboard``; ``serve_published``
+serves the newest published page and follows newer ones.
 """
 
 from __future__ import annotations
@@ -12,6 +16,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from mapex_core.dashboard.publish import (
+    DASHBOARD_EXPERIMENT,
+    DEFAULT_REFRESH_S,
+    fetch_published,
+    publish_dashboard,
+    serve_published,
+    server_configured,
+)
 from mapex_core.io import (
     atomic_write_json,
     atomic_write_text,
@@ -21,6 +33,9 @@ from mapex_core.io import (
     replace_folder,
     staged_folder,
 )
+
+__all__ = ["DASHBOARD_EXPERIMENT", "DEFAULT_OUT", "DEFAULT_PORT", "DEFAULT_REFRESH_S", "fetch_published",
+           "publish_dashboard", "serve_dashboard", "serve_published", "server_configured", "write_dashboard"]
 
 DEFAULT_OUT = Path("reports/dashboard")
 DEFAULT_PORT = 8765

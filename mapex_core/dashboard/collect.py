@@ -1,10 +1,19 @@
 """Gather what the dashboard shows into one JSON-ready dict (written next to the page as ``dashboard.json``).
 
-Sources, all local to the project: the MLflow registry (through :mod:`mapex_core.tracking`), the
-stage outputs (``outputs/pretrain/{metrics,routing_stats}.json``, ``outputs/apps/APP/pruned/
-prune_report.json`` with the sweep of ``prune.target``, ``outputs/apps/APP/sweep/sweep.json``,
-``reports/APP/evaluation.json``, ``reports/APP/ablation/ablation.json``), the chip stores and their
-validation reports. Anything missing becomes an empty value that the page shows as an empty state.
+Two sources give the same dict (``source``: ``local`` or ``server``):
+
+* :func:`collect`, the project on this disk: the MLflow registry (through :mod:`mapex_core.tracking`), the
+  stage outputs (``outputs/pretrain/{metrics,routing_stats}.json``, ``outputs/apps/APP/pruned/
+  prune_report.json`` with the sweep of ``prune.target``, ``outputs/apps/APP/sweep/sweep.json``,
+  ``reports/APP/evaluation.json``, ``reports/APP/ablation/ablation.json``), the chip stores and their
+  validation reports;
+* :func:`collect_server`, the tracking server alone: every registered application and its newest
+  version's run (its params, ``reports/{prune_report,evaluation,sweep,datasets}.json``), the
+  pre-training run (``pretrain/{metrics,routing_stats,datasets}.json``) and the newest ``mapex ablate``
+  run of each application (``ablation.json``). Registration logs the files only this disk has
+  (:func:`app_documents`, :func:`pretrain_documents`), so any machine can build the page.
+
+Anything missing becomes an empty value that the page shows as an empty state.
 """
 
 from __future__ import annotations
@@ -73,12 +82,13 @@ def _version_row(row: dict[str, Any], metric: str, aliases: dict[str, str | None
     }
 
 
-def _sweep_facts(prune: dict[str, Any] | None, standalone: Path) -> dict[str, Any] | None:
+def _sweep_facts(prune: dict[str, Any] | None, standalone: dict[str, Any] | None,
+                 standalone_source: str) -> dict[str, Any] | None:
     """The application's accuracy-size sweep: the one its prune stage ran (``prune_report.json``), else the
-    last ``mapex sweep`` into its default folder; ``None`` when there is none."""
+    last ``mapex sweep`` into its default folder (``standalone``); ``None`` when there is none."""
     sweep, source = (prune or {}).get("sweep"), "prune stage (prune.target)"
     if not sweep:
-        sweep, source = _read_json(standalone), str(standalone)
+        sweep, source = standalone, standalone_source
     if not sweep:
         return None
     keep = ("kept_per_layer", "params", "value", "ci95", "latency_ms", "within_tolerance")
@@ -87,24 +97,70 @@ def _sweep_facts(prune: dict[str, Any] | None, standalone: Path) -> dict[str, An
             "points": [{k: p.get(k) for k in keep} for p in sweep.get("points", [])]}
 
 
-def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path) -> dict[str, Any]:
-    paths = project.app_paths(app.name)
+def _definition(app: Any) -> dict[str, Any]:
+    """What the page shows of an :class:`~mapex_core.apps.Application`'s settings."""
+    return {"name": app.name, "modalities": list(app.modalities), "task": app.task, "metric": app.metric,
+            "description": app.description, "prune_target": app.prune.target,
+            "gate": {"tolerance": app.gate.tolerance, "max_params": app.gate.max_params,
+                     "max_latency_ms": app.gate.max_latency_ms}}
+
+
+def _logged_definition(name: str, params: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
+    """The same settings from a registration run's params (``app.*``, as :func:`~mapex_core.tracking.store.flatten`
+    logged them: lists as JSON, ``None`` as ``"None"``)."""
+
+    def value(key: str) -> Any:
+        raw = params.get(f"app.{key}")
+        if raw is None or raw == "None":
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+
+    mods = value("modalities")
+    return {"name": name, "modalities": mods if isinstance(mods, list) else tags.get("mapex.modalities", "").split(","),
+            "task": value("task"), "metric": value("metric"), "description": value("description") or "",
+            "prune_target": value("prune.target") or "groups",
+            "gate": {"tolerance": value("gate.tolerance"), "max_params": value("gate.max_params"),
+                     "max_latency_ms": value("gate.max_latency_ms")}}
+
+
+def _app_card(definition: dict[str, Any], in_pipeline: bool | None, registry: dict[str, Any],
+              prune: dict[str, Any] | None, evaluation: dict[str, Any] | None,
+              sweep: dict[str, Any] | None) -> dict[str, Any]:
+    """One application's card (``in_pipeline``: ``None`` when the source does not know ``pipeline.apps``)."""
     aliases = {"champion": registry.get("champion"), "challenger": registry.get("challenger")}
-    versions = [_version_row(r, app.metric, aliases) for r in registry.get("versions", [])]
-    prune = _read_json(root / paths.pruned / "prune_report.json")
+    versions = [_version_row(r, definition["metric"], aliases) for r in registry.get("versions", [])]
     keep = ("params_before", "params_after", "reduction", "kept_experts", "experts_before", "coverage", "strategy",
             "coverage_target", "max_output_deviation")
     return {
-        "name": app.name, "modalities": list(app.modalities), "task": app.task, "metric": app.metric,
-        "description": app.description, "in_pipeline": in_pipeline, "model": registry.get("model"),
-        "champion": registry.get("champion"), "challenger": registry.get("challenger"), "versions": versions,
-        "evaluation": _read_json(root / paths.evaluation),
+        "name": definition["name"], "modalities": definition["modalities"], "task": definition["task"],
+        "metric": definition["metric"], "description": definition["description"], "in_pipeline": in_pipeline,
+        "model": registry.get("model"), "champion": registry.get("champion"),
+        "challenger": registry.get("challenger"), "versions": versions, "evaluation": evaluation,
         "prune": {k: prune.get(k) for k in keep} if prune else None,
-        "gate": {"tolerance": app.gate.tolerance, "max_params": app.gate.max_params,
-                 "max_latency_ms": app.gate.max_latency_ms},
-        "prune_target": app.prune.target,
-        "sweep": _sweep_facts(prune, root / sweep_dir(app.name) / "sweep.json"),
+        "gate": definition["gate"], "prune_target": definition["prune_target"], "sweep": sweep,
     }
+
+
+def _app_facts(app: Any, in_pipeline: bool, registry: dict[str, Any], root: Path) -> dict[str, Any]:
+    paths = project.app_paths(app.name)
+    prune = _read_json(root / paths.pruned / "prune_report.json")
+    standalone = root / sweep_dir(app.name) / "sweep.json"
+    return _app_card(_definition(app), in_pipeline, registry, prune, _read_json(root / paths.evaluation),
+                     _sweep_facts(prune, _read_json(standalone), str(standalone)))
+
+
+def _ablation_facts(name: str, rep: dict[str, Any], source: str, run_id: str | None) -> dict[str, Any]:
+    """One application's ablation table from its ``ablation.json``."""
+    arms = [{"name": arm, **{k: a.get(k) for k in ("description", "comparison", "value", "ci95", "seed_values",
+                                                   "params", "active_params_per_token")},
+             "train_chips": [s.get("train_chips") for s in a.get("per_seed", [])],
+             "vs_reference": a.get("vs_reference")} for arm, a in (rep.get("arms") or {}).items()]
+    return {"app": name, "metric": rep.get("metric"), "seeds": rep.get("seeds"), "sizes": rep.get("sizes"),
+            "budget_steps": (rep.get("budget") or {}).get("steps"), "notes": rep.get("notes", []),
+            "mlflow_run": run_id, "arms": arms, "source": source}
 
 
 def _ablations(root: Path, apps: list[str]) -> list[dict[str, Any]]:
@@ -114,20 +170,13 @@ def _ablations(root: Path, apps: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in apps:
         rep = _read_json(root / default_out(name) / ABLATION_FILE)
-        if not rep:
-            continue
-        arms = [{"name": arm, **{k: a.get(k) for k in ("description", "comparison", "value", "ci95", "seed_values",
-                                                       "params", "active_params_per_token")},
-                 "train_chips": [s.get("train_chips") for s in a.get("per_seed", [])],
-                 "vs_reference": a.get("vs_reference")} for arm, a in (rep.get("arms") or {}).items()]
-        out.append({"app": name, "metric": rep.get("metric"), "seeds": rep.get("seeds"), "sizes": rep.get("sizes"),
-                    "budget_steps": (rep.get("budget") or {}).get("steps"), "notes": rep.get("notes", []),
-                    "mlflow_run": (rep.get("mlflow") or {}).get("run_id"), "arms": arms,
-                    "source": str(default_out(name) / ABLATION_FILE)})
+        if rep:
+            out.append(_ablation_facts(name, rep, str(default_out(name) / ABLATION_FILE),
+                                       (rep.get("mlflow") or {}).get("run_id")))
     return out
 
 
-def _dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
+def dataset_facts(ds: Any, root: Path) -> dict[str, Any]:
     """Chips per modality, per split and quarantined, from the chip store; its validation report."""
     from mapex_core.data.dataset import ChipStore
 
@@ -187,12 +236,138 @@ def collect(root: str | Path = ".", params: str | Path = "params.yaml") -> dict[
     skipped = [a for a in names if a not in {x["name"] for x in apps}]
     datasets = project.load_datasets(params_path)
     return {
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "source": "local",
         "project": str(root.resolve()), "git_sha": lineage.git_sha(root), "tracking_uri": redact(uri),
         "mlflow_ui": redact(registry["ui"]), "experiment_id": registry["experiment_id"],
         "apps": apps, "not_in_pipeline": skipped, "ablations": _ablations(root, names),
         "pretrain": {"metrics": _read_json(root / project.PRETRAIN_DIR / "metrics.json"),
                      "routing": _read_json(root / project.PRETRAIN_DIR / "routing_stats.json"),
                      "registry": registry["pretrained"]},
-        "datasets": [_dataset_facts(d, root) for d in datasets.values()],
+        "datasets": [dataset_facts(d, root) for d in datasets.values()],
+    }
+
+
+# ----- the same page from the tracking server alone ------------------------------------------------
+APP_DOCUMENTS = ("prune_report.json", "evaluation.json", "sweep.json", "datasets.json")  # under reports/ of its run
+PRETRAIN_DOCUMENTS = ("metrics.json", "routing_stats.json", "datasets.json")  # under pretrain/ of its run
+
+
+def _same_path(a: str | Path, b: str | Path, root: Path) -> bool:
+    return (root / a).resolve() == (root / b).resolve()
+
+
+def app_documents(app: Any, params: str | Path | dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """What only this disk knows of application ``app`` and the page shows, for its registration run to log
+    (``reports/<name>``): ``sweep.json`` (the last ``mapex sweep`` into its default folder, when there is
+    one) and ``datasets.json`` (:func:`dataset_facts` of the ``datasets`` entry whose chip store it trains on).
+
+    Raises:
+        ValueError: the sweep report exists but is corrupt (names the file).
+    """
+    root = Path(root)
+    docs: dict[str, Any] = {}
+    sweep = _read_json(root / sweep_dir(app.name) / "sweep.json")
+    if sweep:
+        docs["sweep.json"] = sweep
+    if app.chips:
+        used = [d for d in project.load_datasets(params).values() if _same_path(d.out, app.chips, root)]
+        if used:
+            docs["datasets.json"] = [dataset_facts(d, root) for d in used]
+    return docs
+
+
+def pretrain_documents(params: str | Path | dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """``datasets.json`` (:func:`dataset_facts` of ``pipeline.pretrain_datasets``) for the pre-training run to
+    log as ``pretrain/datasets.json``; empty when the params name none."""
+    root = Path(root)
+    names = project.load_pipeline(params).pretrain_datasets
+    datasets = project.load_datasets(params)
+    return {"datasets.json": [dataset_facts(datasets[n], root) for n in names]} if names else {}
+
+
+def _params_view(params: str | Path | None) -> tuple[list[str], dict[str, Any]]:
+    """``pipeline.apps`` and the declared applications of ``params`` (nothing when ``params`` is ``None``).
+
+    Raises:
+        ValueError: ``params`` is given and unreadable.
+    """
+    if params is None:
+        return [], {}
+    from mapex_core.apps import load_applications
+
+    if not Path(params).is_file():
+        raise ValueError(f"{params}: no params file (pass --params, or none to list every registered application)")
+    declared = load_applications(params)
+    try:
+        return [a for a in project.load_pipeline(params).apps if a in declared], declared
+    except ValueError:
+        return [], declared
+
+
+def collect_server(params: str | Path | None = None, uri: str | None = None) -> dict[str, Any]:
+    """Everything the dashboard shows, from the configured tracking store alone (call
+    :func:`mapex_core.tracking.configure` first; ``uri``: its address as the page names it, default
+    :func:`mapex_core.tracking.tracking_uri`): the same dict as :func:`collect`, ``source`` ``server``.
+
+    Applications: every registered ``mapex-<app>``; with ``params``, ``pipeline.apps`` come first (those
+    without versions too) and the others are marked as not in the pipeline. Each card's settings,
+    prune report, evaluation, sweep and chip store are those its newest version's run logged.
+    Datasets: those the newest runs logged (newest first wins).
+
+    Raises:
+        ValueError: ``params`` is unreadable, or a logged report is not valid JSON (names the run).
+        mapex_core.tracking.TrackingError: the tracking store does not answer.
+    """
+    from mapex_core import tracking
+
+    pipeline, declared = _params_view(params)
+    registered = tracking.registered_apps()
+    names = pipeline + [a for a in registered if a not in pipeline]
+    registry = tracking.registry_history(names)
+    apps, datasets, git = [], {}, []
+    for name in names:
+        rows = registry["apps"][name]["versions"]
+        if not rows:
+            if name in declared:
+                apps.append(_app_card(_definition(declared[name]), True, registry["apps"][name], None, None, None))
+            continue
+        run = tracking.run_record(rows[0]["run_id"], [f"reports/{d}" for d in APP_DOCUMENTS])
+        docs = {k.removeprefix("reports/"): v for k, v in run["documents"].items()}
+        definition = _logged_definition(name, run["params"], run["tags"])
+        if not definition["metric"] and name in declared:  # a run logged without the app's params
+            definition = _definition(declared[name])
+        definition["metric"] = definition["metric"] or rows[0]["tags"].get("metric", "")
+        sweep = _sweep_facts(docs["prune_report.json"], docs["sweep.json"], f"MLflow run {run['run_id']}")
+        apps.append(_app_card(definition, (name in pipeline) if params is not None else None, registry["apps"][name],
+                              docs["prune_report.json"], docs["evaluation.json"], sweep))
+        created = rows[0].get("created") or 0
+        git.append((created, rows[0]["tags"].get("git_sha")))
+        for ds in docs["datasets.json"] or []:
+            if ds["name"] not in datasets or datasets[ds["name"]][0] < created:
+                datasets[ds["name"]] = (created, ds)
+    pre = registry["pretrained"]
+    pre_docs: dict[str, Any] = dict.fromkeys(PRETRAIN_DOCUMENTS)
+    if pre:
+        run = tracking.run_record(pre["run_id"], [f"pretrain/{d}" for d in PRETRAIN_DOCUMENTS])
+        pre_docs = {k.removeprefix("pretrain/"): v for k, v in run["documents"].items()}
+        for ds in pre_docs["datasets.json"] or []:
+            datasets.setdefault(ds["name"], (0, ds))
+        git.append((0, pre["tags"].get("git_sha")))
+    ablations = []
+    for name in names:
+        found = tracking.latest_run({"mapex.stage": "ablate", "mapex.app": name})
+        if found:
+            rep = tracking.run_record(found["run_id"], ["ablation.json"])["documents"]["ablation.json"]
+            if rep:
+                ablations.append(_ablation_facts(name, rep, f"MLflow run {found['run_id']}", found["run_id"]))
+    shas = [sha for _, sha in sorted(git, key=lambda g: g[0], reverse=True) if sha]
+    return {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "source": "server",
+        "project": None, "git_sha": shas[0] if shas else "unknown", "tracking_uri": redact(uri or tracking.tracking_uri()),
+        "mlflow_ui": redact(registry["ui"]), "experiment_id": registry["experiment_id"],
+        "apps": apps, "not_in_pipeline": [a for a in declared if a not in pipeline and a not in registered],
+        "ablations": ablations,
+        "pretrain": {"metrics": pre_docs["metrics.json"], "routing": pre_docs["routing_stats.json"],
+                     "registry": pre},
+        "datasets": [ds for _, ds in datasets.values()],
     }

@@ -235,7 +235,7 @@ def _card(d: dict[str, Any], app: dict[str, Any]) -> str:
            f"primary metric {escape(app['metric'])}</span></header>"]
     if app["description"]:
         out.append(f'<div class="small muted">{escape(app["description"])}</div>')
-    if not app["in_pipeline"]:
+    if app["in_pipeline"] is False:  # None: the page was built from the tracking server without params
         out.append('<div class="small muted">not in pipeline.apps: the weekly retrain does not update it</div>')
     out.append('<div class="roles">')
     out.append(_role("Champion", app, champion, "no champion yet", gate=False))
@@ -291,7 +291,7 @@ def _expert_usage(d: dict[str, Any]) -> str:
     if not routing or not routing.get("layers"):
         return '<p class="empty">No routing statistics yet: pre-training has not run (`mapex retrain`).</p>'
     mods = routing["modalities"]
-    apps_kept = {a["name"]: a["prune"]["kept_experts"] for a in d["apps"] if a.get("prune")}
+    apps_kept = {a["name"]: a["prune"]["kept_experts"] for a in d["apps"] if (a.get("prune") or {}).get("kept_experts")}
     out = ['<p class="small muted">Share of each modality\'s routing mass (its tokens\' gate weights, summed) that '
            "each expert of the pre-trained model receives, on pre-training chips. Mass on the modality's own "
            "group is specialisation. The coloured band over the columns names the modality group that owns each "
@@ -374,7 +374,8 @@ def _data(d: dict[str, Any], out_dir: Path, root: Path) -> str:
         per_split = "<br>".join(f"{escape(s)}: {n:,}" for s, n in st["per_split"].items())
         if va:
             docs = va.get("docs")
-            href = os.path.relpath(root / docs, out_dir) if docs else None
+            # Data Docs are files of the machine that validated: linked only on a page built from this disk
+            href = os.path.relpath(root / docs, out_dir) if docs and d.get("source") != "server" else None
             state = "passed" if va.get("success") else "failed"
             val = (f'<span class="badge {state}">{state}</span> {va.get("failed_share", 0):.1%} of chips failed '
                    f"(max {va.get('max_failed_share', 0):.0%})<br>"
@@ -407,6 +408,7 @@ def render(d: dict[str, Any], out_dir: str | Path, root: str | Path = ".") -> st
     local = not d["tracking_uri"].startswith(("http://", "https://"))
     ui_note = (f"MLflow links open {escape(d['mlflow_ui'])}: start it with <code>make mlflow-ui</code>."
                if local else f"MLflow links open {escape(d['mlflow_ui'])}.")
+    from_server = " from the tracking server" if d.get("source") == "server" else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>MAPEX dashboard</title>
@@ -414,7 +416,7 @@ def render(d: dict[str, Any], out_dir: str | Path, root: str | Path = ".") -> st
 <style>{CSS}</style></head>
 <body>
 <header class="top"><h1>MAPEX: per-task models</h1>
-<p>Generated {escape(d['generated'])} · code <code>{_short(d['git_sha'])}</code> · tracking
+<p>Generated {escape(d['generated'])}{from_server} · code <code>{_short(d['git_sha'])}</code> · tracking
 <code>{escape(d['tracking_uri'])}</code> · {ui_note}</p>
 <nav><a href="#apps">Applications</a><a href="#ablations">Ablations</a><a href="#experts">Expert usage</a><a href="#pretrain">Pre-training</a>
 <a href="#data">Data</a></nav></header>

@@ -6,7 +6,10 @@ Without batching, concurrent requests ran concurrent forwards, each with its own
 against each other and against the threads parsing JSON (BENCHMARKS.md, Serving).
 
 A :class:`Batcher` runs every forward on one thread of its own, with one intra-op thread fewer than
-torch's default (:func:`forward_threads`: the other core parses and answers requests meanwhile). A
+torch's default (:func:`forward_threads`: the other core parses and answers requests meanwhile).
+``MAPEX_SERVE_BATCH_THREADS`` gives a forward of several rows another count (a lone request keeps
+the default): not the default, since two threads per batch made the batched server several times
+slower at concurrency 8 on a loaded 2-core machine (BENCHMARKS.md, Serving). A
 caller announces its request (:meth:`Batcher.request`), validates it in its own thread, and hands in
 its arrays; the forward thread takes the oldest queued request and the compatible ones behind it, up
 to ``max_batch`` rows, and waits at most ``max_wait_ms`` for more only while requests are on their
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 MAX_BATCH_ENV, MAX_WAIT_ENV = "MAPEX_SERVE_MAX_BATCH", "MAPEX_SERVE_MAX_WAIT_MS"
+BATCH_THREADS_ENV = "MAPEX_SERVE_BATCH_THREADS"  # intra-op threads of a batch of several rows (unset: as one)
 DEFAULT_MAX_BATCH = 64  # rows (chips): contract.MAX_CHIPS, so a batch is never larger than one valid request
 DEFAULT_MAX_WAIT_MS = 2.0
 MAX_MAX_BATCH, MAX_MAX_WAIT_MS = 4096, 1000.0
@@ -128,6 +132,26 @@ def settings_from_env(environ: dict[str, str] | None = None) -> tuple[int, float
     return check_settings(batch, wait, MAX_WAIT_ENV)
 
 
+def batch_threads_from_env(environ: dict[str, str] | None = None) -> int | None:
+    """Intra-op threads of a forward of several rows from ``MAPEX_SERVE_BATCH_THREADS`` (a whole number
+    >= 1); ``None`` when unset or empty (the same as a lone request's, :func:`forward_threads`).
+
+    Raises:
+        ValueError: another value, naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(BATCH_THREADS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{BATCH_THREADS_ENV} must be a whole number of threads >= 1, got {value!r}")
+    return n
+
+
 @dataclass(eq=False)
 class _Item:
     arrays: Arrays
@@ -152,14 +176,18 @@ class Batcher:
             the output belonging to row ``i`` of the inputs (rows must not interact).
         max_batch: the most rows in one batch (a larger request runs alone, whole).
         max_wait_ms: the longest a queued request waits for requests on their way to join its batch.
-        threads: intra-op threads of the forward thread (``"auto"``: :func:`forward_threads`; ``None``:
-            torch's setting).
+        threads: intra-op threads of the forward thread on a batch of one row (``"auto"``:
+            :func:`forward_threads`; ``None``: torch's setting).
+        batch_threads: the same on a batch of several rows (``None``: ``threads``).
     """
 
     def __init__(self, forward: Forward, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, threads: int | str | None = "auto") -> None:
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, threads: int | str | None = "auto",
+                 batch_threads: int | None = None) -> None:
         self.forward = forward
         self.threads = forward_threads() if threads == "auto" else threads
+        self.batch_threads = self.threads if batch_threads is None else batch_threads
+        self.switches = 0  # changes of the forward thread's intra-op threads (see _use_threads)
         self.max_batch, self.max_wait_ms = check_settings(max_batch, max_wait_ms)
         self.batches = self.requests = self.rows = 0  # forwards run, and the requests and rows in them
         self._reset()
@@ -236,23 +264,37 @@ class Batcher:
             self._queue.remove(item)
         return batch
 
-    def _loop(self) -> None:
-        """The forward thread: batches until the queue has stayed empty for ``IDLE_S`` (then it ends, and
-        the next request starts another: a model that is no longer used can be freed)."""
-        if self.threads is not None:
-            import torch
+    def _use_threads(self, n: int | None, current: int | None, default: int) -> int | None:
+        """Give the forward thread (the caller) ``n`` intra-op threads unless it has them (``current``),
+        leaving torch's default for new threads at ``default``; ``n``, or ``current`` when ``n`` is None."""
+        if n is None or n == current:
+            return current
+        import torch
 
-            before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)  # this thread's OpenMP team, and torch's default for new threads:
-            restore = threading.Thread(target=torch.set_num_threads, args=(before,))  # that default back
+        torch.set_num_threads(n)  # this thread's OpenMP team, and torch's default for new threads:
+        if n != default:
+            restore = threading.Thread(target=torch.set_num_threads, args=(default,))  # that default back
             restore.start()
             restore.join()
+        self.switches += 1
+        return n
+
+    def _loop(self) -> None:
+        """The forward thread: batches until the queue has stayed empty for ``IDLE_S`` (then it ends, and
+        the next request starts another: a model that is no longer used can be freed). A batch of one row
+        runs with :attr:`threads` intra-op threads, one of several with :attr:`batch_threads`."""
+        import torch
+
+        default = torch.get_num_threads()  # torch's default (a new thread starts with it)
+        current = self._use_threads(self.threads, None, default)
         while True:
             with self._cond:
                 if not self._cond.wait_for(lambda: self._queue, timeout=IDLE_S):
                     self._thread = None
                     return
                 batch = self._take()
+            rows = sum(it.rows for it in batch)
+            current = self._use_threads(self.threads if rows == 1 else self.batch_threads, current, default)
             self._run(batch)
 
     def _run(self, batch: list[_Item]) -> None:

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from mapex_core.tracking.store import STORE_DIR
 _HELD: dict[str, list[Any]] = {}  # lock -> [threading.RLock, depth, open file or connection]: re-entrant in a process
 _HELD_GUARD = threading.Lock()
 LOCK_URL_ENV = "MAPEX_LOCK_URL"  # a PostgreSQL database whose advisory lock serialises the registry's writers
+CONNECT_RETRY_S = 60  # PostgreSQL restarting: how long taking the lock tries to connect again
 LOCK_WAIT_S = 600  # how long a registration waits for another one to finish before giving up (transient)
 _LOCK_KEY = int.from_bytes(hashlib.sha256(b"mapex-registry").digest()[:8], "big", signed=True)  # pg bigint
 
@@ -51,6 +53,20 @@ def _masked(url: str) -> str:
     return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
+def _connect(url: str, within_s: float = CONNECT_RETRY_S) -> Any:
+    """A connection to ``url``, trying again for ``within_s`` seconds while the server refuses (a restart)."""
+    import psycopg2
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return psycopg2.connect(url, connect_timeout=10, application_name="mapex-registry-lock")
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def _acquire_pg(url: str) -> Any:
     """A connection holding the registry's advisory lock (PostgreSQL drops it if this process dies)."""
     import psycopg2
@@ -58,7 +74,7 @@ def _acquire_pg(url: str) -> Any:
 
     conn = None
     try:
-        conn = psycopg2.connect(url, connect_timeout=10, application_name="mapex-registry-lock")
+        conn = _connect(url)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f"SET lock_timeout = '{LOCK_WAIT_S}s'")

@@ -62,7 +62,7 @@ def _existing_version(client: MlflowClient, name: str, sha: str) -> Any | None:
 
 
 def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[str, str | None],
-                 git: str, root: str | Path = ".") -> dict[str, Any]:
+                 git: str, root: str | Path = ".", extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the pre-training run and register ``mapex-pretrained`` (idempotent on the weights).
 
     Args:
@@ -70,6 +70,8 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
         params: the ``model`` and ``pretrain`` params sections.
         chips: chip store path -> its DVC hash (the dataset digest).
         git: the code version (:func:`mapex_core.lineage.git_sha`).
+        extras: file name -> JSON object, logged as ``pretrain/<name>`` (what the team dashboard reads
+            from the server, e.g. ``datasets.json``); only with a new version.
 
     Returns:
         ``run_id``, ``version``, ``new`` (False when these weights were registered before).
@@ -77,11 +79,11 @@ def log_pretrain(pretrain_dir: str | Path, params: dict[str, Any], chips: dict[s
     d = Path(pretrain_dir)
     sha = file_sha256(d / "model.safetensors")
     with registry_lock(root):  # the "already registered?" check and the registration: one step for other processes
-        return _log_pretrain_locked(d, sha, params, chips, git, root)
+        return _log_pretrain_locked(d, sha, params, chips, git, root, extras or {})
 
 
 def _log_pretrain_locked(d: Path, sha: str, params: dict[str, Any], chips: dict[str, str | None], git: str,
-                         root: str | Path) -> dict[str, Any]:
+                         root: str | Path, extras: dict[str, Any]) -> dict[str, Any]:
     client = MlflowClient()
     found = _existing_version(client, PRETRAINED_MODEL, sha)
     if found is not None:  # these weights again (e.g. params reverted): make them current again
@@ -97,6 +99,8 @@ def _log_pretrain_locked(d: Path, sha: str, params: dict[str, Any], chips: dict[
     try:
         with mlflow.start_run(experiment_id=exp.experiment_id, run_name="pretrain", tags=tags) as run:
             ver = _log_pretrain_run(d, params, metrics, chips, root)
+            for name, doc in extras.items():
+                mlflow.log_dict(doc, f"pretrain/{name}")
             for k, v in {"model_sha256": sha, "run_id": run.info.run_id, "git_sha": git}.items():
                 client.set_model_version_tag(PRETRAINED_MODEL, ver, k, v)
             client.set_registered_model_alias(PRETRAINED_MODEL, PRETRAINED_ALIAS, ver)
@@ -134,7 +138,8 @@ def _log_pretrain_run(d: Path, params: dict[str, Any], metrics: dict[str, Any], 
 
 
 def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, Any], evaluation: dict[str, Any],
-                 finetune_summary: dict[str, Any], lineage: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+                 finetune_summary: dict[str, Any], lineage: dict[str, Any], root: str | Path = ".",
+                 extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log application ``app``'s run, register its model as ``mapex-<app>`` and apply the promotion gate.
 
     Args:
@@ -142,6 +147,9 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
         finetuned_dir: the pruned, fine-tuned task model (``config.json``, ``task.json``, ``model.safetensors``).
         lineage: ``git_sha``, ``dvc_hash`` (of the app's chip store), ``chips`` and
             ``pretrain_run_id`` / ``pretrain_version`` (the parent pre-training run).
+        extras: file name -> JSON object, logged as ``reports/<name>`` next to the prune report and the
+            evaluation (what the team dashboard reads from the server: ``sweep.json``, ``datasets.json``);
+            only with a new version.
 
     Returns:
         ``run_id``, ``version``, ``new``, the gate ``decision`` (``passed``/``failed``) with ``reasons``,
@@ -153,12 +161,13 @@ def register_app(app: Any, finetuned_dir: str | Path, prune_report: dict[str, An
     name = registered_name(app.name)
     sha = file_sha256(d / "model.safetensors")
     with registry_lock(root):  # the "already registered?" check, the registration and the gate: one step
-        return _register_app_locked(app, d, name, sha, prune_report, evaluation, finetune_summary, lineage, root)
+        return _register_app_locked(app, d, name, sha, prune_report, evaluation, finetune_summary, lineage, root,
+                                    extras or {})
 
 
 def _register_app_locked(app: Any, d: Path, name: str, sha: str, prune_report: dict[str, Any],
                          evaluation: dict[str, Any], finetune_summary: dict[str, Any], lineage: dict[str, Any],
-                         root: str | Path) -> dict[str, Any]:
+                         root: str | Path, extras: dict[str, Any]) -> dict[str, Any]:
     client = MlflowClient()
     found = _existing_version(client, name, sha)
     if found is not None:
@@ -198,6 +207,8 @@ def _register_app_locked(app: Any, d: Path, name: str, sha: str, prune_report: d
             mlflow.log_dict(prune_report, "reports/prune_report.json")
             mlflow.log_dict(evaluation, "reports/evaluation.json")
             mlflow.log_dict(finetune_summary, "reports/finetune.json")
+            for doc_name, doc in extras.items():
+                mlflow.log_dict(doc, f"reports/{doc_name}")
             mlflow.log_artifact(str(d / "config.json"), artifact_path="reports")
             if lineage.get("chips"):
                 log_dataset(lineage["chips"], lineage.get("dvc_hash"), "finetuning")

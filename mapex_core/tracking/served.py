@@ -152,10 +152,10 @@ class MapexPyfunc(PythonModel):
         self.model.eval()
         return_freed_memory(SERVING_MMAP_THRESHOLD)  # a serving process: activations go back to the OS
         # concurrent requests share forwards on one thread (MAPEX_SERVE_MAX_BATCH=1: each its own, in its thread)
-        from mapex_core.tracking.batching import Batcher, settings_from_env
+        from mapex_core.tracking.batching import Batcher, batch_threads_from_env, settings_from_env
 
         max_batch, max_wait_ms = settings_from_env()
-        self.batcher = (Batcher(self._forward, max_batch, max_wait_ms)
+        self.batcher = (Batcher(self._forward, max_batch, max_wait_ms, batch_threads=batch_threads_from_env())
                         if self.contract is not None and max_batch > 1 else None)
 
     def _forward(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -22,7 +22,11 @@ default is 6 on 2 cores, too few for concurrent requests to share a forward).
 :func:`serve_model` downloads one registered version, checks its task model folder (before any
 weight is loaded), sets the batching options for the model, and runs uvicorn on it (uvloop +
 httptools when installed; ``UVICORN_LOOP`` and ``UVICORN_HTTP`` choose others, as uvicorn's own
-command does).
+command does). By default it runs one worker process per CPU core this process may use
+(:func:`serve_workers`), each loading the model and batching its own requests: on 2 cores two
+workers answered 1.5x the requests/s of one at concurrency 8 (BENCHMARKS.md, Serving). Each
+worker says how its requests shared forward passes when it stops (ASGI lifespan shutdown); a worker
+that cannot load the model stops the server with an error instead of being restarted in a loop.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mapex_core.errors import MapexError
+from mapex_core.runtime import THREADS_ENV, cpu_count, share_threads
 from mapex_core.tracking.batching import incoming
 
 Scope = MutableMapping[str, Any]
@@ -54,6 +62,7 @@ MAX_JSON_DEPTH = 32  # a request is {"inputs": {modality: [[[[...]]]]}, "params"
 MESSAGE_CHARS = 500  # of an error message
 MIN_MAX_BODY = 32 << 20  # the smallest default body limit (bytes)
 MODEL_ENV, MAX_BODY_ENV = "MAPEX_SERVE_MODEL", "MAPEX_SERVE_MAX_BODY"  # what worker processes load
+FAILED_ENV = "MAPEX_SERVE_FAILED"  # where a worker process that cannot load the model says why
 REQUEST_THREADS = 64  # threads running MLflow's request handling (and waiting on batches): 64 1-chip requests
 INVOCATIONS = "/invocations"
 _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
@@ -115,14 +124,19 @@ class GuardedApp:
         app: the inner ASGI app.
         max_body: the largest request body accepted on ``/invocations``, in bytes.
         max_depth: the deepest JSON nesting accepted.
+        on_shutdown: called when the server shuts down (ASGI lifespan shutdown), before the inner app hears of it.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, max_depth: int = MAX_JSON_DEPTH) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, max_depth: int = MAX_JSON_DEPTH,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
         self.app, self.max_body, self.max_depth = app, int(max_body), int(max_depth)
+        self.on_shutdown = on_shutdown
         self._loop: Any = None  # the event loop given REQUEST_THREADS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self.on_shutdown is not None:
+                receive = _on_shutdown(receive, self.on_shutdown)
             await self.app(scope, receive, send)  # lifespan
             return
         if scope["path"] == INVOCATIONS and scope["method"] == "POST":
@@ -230,6 +244,18 @@ async def _answer(send: Send, status: int, message: str | None = None, body: byt
     await send({"type": "http.response.body", "body": content, "more_body": False})
 
 
+def _on_shutdown(receive: Receive, callback: Callable[[], None]) -> Receive:
+    """A lifespan ``receive`` that calls ``callback`` when the server announces its shutdown."""
+
+    async def watched() -> Message:
+        message = await receive()
+        if message["type"] == "lifespan.shutdown":
+            callback()
+        return message
+
+    return watched
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands out ``body`` once, then waits on the connection (for a disconnect)."""
     done = False
@@ -262,14 +288,21 @@ def create_app(model_path: str | Path, max_body: int) -> GuardedApp:
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(str(model_path))
-    app = GuardedApp(scoring_server.init(model), max_body)
     try:
         batcher = getattr(model.unwrap_python_model(), "batcher", None)
     except MlflowException:  # not a python_model: nothing batched here
         batcher = None
-    if batcher is not None:  # when the server stops: how much the requests shared their forward passes
-        atexit.register(lambda: print(f"mapex serve: {batcher.requests} requests ({batcher.rows} chips) in "
-                                      f"{batcher.batches} forward passes", file=sys.stderr, flush=True))
+    said: list[bool] = []
+
+    def say_shared() -> None:  # when the server stops: how much the requests shared their forward passes
+        if batcher is not None and not said:
+            said.append(True)
+            print(f"mapex serve: {batcher.requests} requests ({batcher.rows} chips) in {batcher.batches} forward "
+                  f"passes (process {os.getpid()})", file=sys.stderr, flush=True)
+
+    # at lifespan shutdown: a worker of several dies of the SIGTERM uvicorn raises again, its exit handlers unrun
+    app = GuardedApp(scoring_server.init(model), max_body, on_shutdown=say_shared)
+    atexit.register(say_shared)
     # the model, torch, MLflow and FastAPI live as long as the server: out of the collector's full passes,
     # which walked them all while requests waited (~11% of a loaded server's CPU in perf: BENCHMARKS.md, Serving)
     gc.collect()
@@ -279,11 +312,38 @@ def create_app(model_path: str | Path, max_body: int) -> GuardedApp:
 
 def app_from_env() -> GuardedApp:
     """The app of a uvicorn worker process (``--workers`` > 1): the model and limit that
-    :func:`serve_model` put in the environment."""
-    return create_app(os.environ[MODEL_ENV], int(os.environ[MAX_BODY_ENV]))
+    :func:`serve_model` put in the environment.
+
+    Raises:
+        SystemExit: uvicorn's startup-failure status when the model does not load (the reason written to
+            ``MAPEX_SERVE_FAILED``), so that uvicorn stops the server rather than restart the worker.
+    """
+    try:
+        return create_app(os.environ[MODEL_ENV], int(os.environ[MAX_BODY_ENV]))
+    except Exception as exc:
+        from uvicorn.config import STARTUP_FAILURE
+
+        traceback.print_exc()
+        if os.environ.get(FAILED_ENV):
+            Path(os.environ[FAILED_ENV]).write_text(f"{type(exc).__name__}: {short_message(str(exc))}")
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
-def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+def serve_workers(workers: int | None = None) -> int:
+    """Worker processes of ``mapex serve``: ``workers``, or by default one per CPU core this process may
+    use (:func:`mapex_core.runtime.cpu_count`; the choice is measured in BENCHMARKS.md, Serving).
+
+    Raises:
+        ValueError: ``workers`` is not a whole number >= 1 (named as ``--workers``).
+    """
+    if workers is None:
+        return cpu_count()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a whole number of processes >= 1, got {workers!r}")
+    return workers
+
+
+def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int | None = None,
                 max_body_mb: float | None = None, announce: Callable[[int], None] | None = None,
                 max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
     """Serve the MLflow model ``model_uri`` (``models:/NAME/VERSION``) until SIGTERM or Ctrl-C.
@@ -292,6 +352,9 @@ def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, worke
     model folder is checked (config bounds, tensor shapes) before anything is loaded.
 
     Args:
+        workers: server worker processes (default :func:`serve_workers`: one per CPU core), each loading
+            the model and batching its own requests; several share the cores (``OMP_NUM_THREADS`` of each:
+            :func:`mapex_core.runtime.share_threads`, unless that variable is set).
         max_body_mb: the body limit in MiB; default :func:`default_max_body`.
         announce: called with the body limit in bytes once the model is checked, before the server starts.
         max_batch, max_wait_ms: adaptive batching of concurrent requests (rows per forward, 1: off; the
@@ -300,8 +363,9 @@ def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, worke
             leaves those variables, or the defaults.
 
     Raises:
-        ValueError: a task model folder that does not match its config, or a bad ``max_body_mb``,
-            ``max_batch`` or ``max_wait_ms`` (named).
+        ValueError: a task model folder that does not match its config, or a bad ``workers``,
+            ``max_body_mb``, ``max_batch`` or ``max_wait_ms`` (named).
+        MapexError: a worker process (of several) could not load the model (its traceback is in the log).
     """
     import mlflow
     import uvicorn
@@ -316,6 +380,7 @@ def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, worke
         settings_from_env,
     )
 
+    workers = serve_workers(workers)
     if max_body_mb is not None and not (isinstance(max_body_mb, int | float) and 0 < max_body_mb <= 4096):
         raise ValueError(f"--max-body-mb must be a number in (0, 4096], got {max_body_mb!r}")
     if max_batch is not None:
@@ -343,14 +408,34 @@ def serve_model(model_uri: str, host: str = "127.0.0.1", port: int = 5001, worke
                                        "http": os.environ.get("UVICORN_HTTP", "auto")}
             if workers == 1:
                 uvicorn.run(create_app(local, max_body), **options)
-            else:  # each worker process loads the model itself
-                os.environ[MODEL_ENV], os.environ[MAX_BODY_ENV] = str(local), str(max_body)
-                uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, **options)
+            else:  # each worker process (spawned: it reads these variables) loads the model itself
+                failed = Path(tmp) / "worker-failed.txt"
+                env = {MODEL_ENV: str(local), MAX_BODY_ENV: str(max_body), FAILED_ENV: str(failed)}
+                if THREADS_ENV not in os.environ:  # each worker's share of the cores, not all of them each
+                    env[THREADS_ENV] = str(share_threads(workers))
+                with _environ(env):
+                    uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, **options)
+                if failed.is_file():  # (uvicorn stopped the other workers and returned)
+                    raise MapexError(f"a server worker process could not load {model_uri}: {failed.read_text()} "
+                                     "(its traceback is above)")
     except (_Stopped, KeyboardInterrupt):
         pass
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (the worker processes started meanwhile inherit them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.update({k: v for k, v in before.items() if v is not None})
+        for k in [k for k, v in before.items() if v is None]:
+            os.environ.pop(k, None)
 
 
 class _Stopped(Exception):

@@ -206,7 +206,11 @@ def log_model_version(artifact_key: str, model_dir: Path, files: tuple[str, ...]
             (weights / name).write_bytes((model_dir / name).read_bytes())
         package = Path(tmp) / "code" / "mapex_core"
         shutil.copytree(_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        with warnings.catch_warnings():  # no input example (no chip store here): the contract documents the input
+        from mapex_core.remote_errors import remote_errors
+
+        # the artifact store (through the tracking server) that does not answer: named, transient
+        with warnings.catch_warnings(), remote_errors("MLflow artifact store", mlflow.get_artifact_uri(),
+                                                      mlflow.get_tracking_uri()):
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
                                            artifacts={artifact_key: str(weights)}, pip_requirements=pip_requirements(),

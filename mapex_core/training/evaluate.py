@@ -9,19 +9,21 @@ of variants, :data:`mapex_core.apps.VARIANTS`):
 
 Each gets its metric with a bootstrap 95% interval (over spatial groups of chips), parameters,
 checkpoint bytes and batch-1 latency, in one JSON report.
+
+The unpruned and scratch models, and the pruned ones of other seeds, are the comparison models of
+:mod:`mapex_core.training.compare`: the pipeline trains them in stage compare@APP beside fine-tuning,
+and ``evaluate_app`` loads them from its folder (``compared``); those it does not find there it
+trains itself, through the same function, with the same weights.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import tempfile
-import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +34,20 @@ from mapex_core.apps import VARIANTS, Application, check_compatible
 from mapex_core.data.dataset import ChipStore, collate
 from mapex_core.io import atomic_write_json, check_output_file, json_with_keys
 from mapex_core.metrics import summarize
-from mapex_core.model import MapexModel, load_model
+from mapex_core.model import load_model
 from mapex_core.model.heads import TaskModel, load_task_model, save_task_model
-from mapex_core.progress import available_cores
-from mapex_core.runtime import cpu_count, resolve_device
-from mapex_core.training.finetune import (
-    RNG_LOCK,
-    inputs_of,
-    open_app_store,
-    predict,
-    task_model,
-    train_task,
+from mapex_core.runtime import resolve_device
+
+# Job and run_jobs live in compare; the sweep and the ablations import them from here
+from mapex_core.training.compare import Job as Job
+from mapex_core.training.compare import (
+    comparison_key,
+    comparison_runs,
+    fit_comparisons,
+    load_comparisons,
 )
+from mapex_core.training.compare import run_jobs as run_jobs
+from mapex_core.training.finetune import inputs_of, open_app_store, predict
 
 REPORT_KEYS = ("app", "metric", "test_chips", *VARIANTS)  # how an existing evaluation report is recognised
 
@@ -109,49 +113,11 @@ def _variant_report(model: TaskModel, app: Application, outputs: list[np.ndarray
     return rep
 
 
-@dataclass
-class Job:
-    """One model of the comparison: which variant and seed, how to build it, whether to train it."""
-
-    variant: str
-    seed: int
-    make: Callable[[], TaskModel]
-    balance: float = 0.0
-    train: bool = True
-
-
-def run_jobs(jobs: list[Job], fit: Callable[[TaskModel, Job], dict[str, Any] | None],
-              concurrency: Callable[[], int]) -> list[tuple[TaskModel, dict[str, Any] | None]]:
-    """Build and fit every job, up to ``concurrency()`` at once (asked again as jobs finish); results in job order.
-
-    The jobs run in threads of this process: torch releases the GIL in its kernels, and every job
-    keeps the intra-op thread count of the process, so its arithmetic (and its weights) are the same
-    as when the jobs run one after the other (measured: 1.85x faster for two jobs on two cores,
-    identical weights).
-    """
-    results: dict[int, tuple[TaskModel, dict[str, Any] | None]] = {}
-
-    def run(i: int) -> None:
-        with RNG_LOCK:  # the global RNG initialises the head (and the scratch encoder): one job at a time
-            model = jobs[i].make()
-        results[i] = (model, fit(model, jobs[i]) if jobs[i].train else None)
-
-    pending = list(range(len(jobs)))
-    with ThreadPoolExecutor(max_workers=max(1, cpu_count())) as pool:
-        running: set[Future] = set()
-        while pending or running:
-            while pending and len(running) < max(1, concurrency()):
-                running.add(pool.submit(run, pending.pop(0)))
-            done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                fut.result()  # re-raise a job's error
-    return [results[i] for i in range(len(jobs))]
-
-
 def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out: str | Path | None = None,
                  device: str = "auto", pretrained: str | Path | None = None,
                  on_step: Callable[[int, int, dict[str, Any]], None] | None = None,
-                 concurrency: Callable[[], int] | None = None, force: bool = False) -> dict[str, Any]:
+                 concurrency: Callable[[], int] | None = None, force: bool = False,
+                 compared: str | Path | None = None) -> dict[str, Any]:
     """Compare pruned, unpruned and from-scratch models of ``app`` on the test split.
 
     Args:
@@ -163,6 +129,9 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
             default: the cores it may use now, :func:`mapex_core.progress.available_cores`, over this
             process's intra-op threads; one on CUDA). The results do not depend on it.
         force: replace a file at ``out`` that is not an evaluation report.
+        compared: a folder of comparison models (:func:`~mapex_core.training.compare.compare_app`, stage
+            compare@APP): those made from the same inputs are loaded instead of trained (same report);
+            one made from other inputs is ignored with a warning.
 
     Returns:
         The report (also written to ``out``, atomically): ``metric`` and, per variant, ``value``,
@@ -198,11 +167,12 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
                               "label_fraction": app.finetune.label_fraction, "mode": app.finetune.mode,
                               "pretrained": str(pretrained), "finetuned": str(finetuned)}
 
+    fingerprint = ChipStore.open(chips, in_memory=False).fingerprint()
     # pruned: the given fine-tuned model is used for its own seed only if it was trained on this
     # store (same chips, splits and labels), with this budget and these classes; otherwise (and
     # for the other seeds) the pruned model is fine-tuned here like the other variants
     mismatch = [what for what, ok in (
-        ("chip store", info.get("chips_fingerprint") == ChipStore.open(chips, in_memory=False).fingerprint()),
+        ("chip store", info.get("chips_fingerprint") == fingerprint),
         ("fine-tuning budget", info.get("finetune") == app.finetune.__dict__),
         ("classes", classes == (test.class_names or [])),
     ) if not ok]
@@ -214,43 +184,26 @@ def evaluate_app(app: Application, finetuned: str | Path, chips: str | Path, out
     reuse_seed = info.get("seed") if not mismatch else None
     classes = test.class_names or classes
 
-    def scratch(s: int) -> TaskModel:
-        torch.manual_seed(s)
-        return task_model(MapexModel(cfg, with_decoder=False).to(dev), app, classes, {}, s)
-
-    jobs = [Job("pruned", s, lambda: pruned_model, train=False) if s == reuse_seed else
-            Job("pruned", s, lambda s=s: task_model(load_model(pruned_dir, device=dev), app, classes, {}, s))
-            for s in seeds]
-    jobs += [Job("unpruned", s, lambda s=s: task_model(copy.deepcopy(full), app, classes, {}, s),
-                  full.config.balance_loss_weight) for s in seeds]
-    jobs += [Job("scratch", s, lambda s=s: scratch(s)) for s in seeds]
-    steps = app.finetune.steps
-    n_runs = sum(j.train for j in jobs)
-    progress_of: dict[int, int] = {}  # step reached by each training job
-    lock = threading.Lock()
-
-    def fit(model: TaskModel, job: Job) -> dict[str, Any]:
-        def step_cb(step: int, total: int, info: dict[str, Any]) -> None:
-            with lock:
-                progress_of[id(job)] = step
-                if on_step is not None:
-                    on_step(sum(progress_of.values()), n_runs * steps, info | {"run": f"{job.variant} seed {job.seed}"})
-
-        return train_task(model, train, val, app.metric, app.finetune, job.seed, dev, job.balance, on_step=step_cb)
-
-    if concurrency is None:
-        def concurrency() -> int:
-            return 1 if dev.type == "cuda" else available_cores() // torch.get_num_threads()
-
-    fitted = run_jobs(jobs, fit, concurrency)
+    # the comparison models: from compare@APP's folder when it was made from these inputs, else trained here
+    runs = comparison_runs(seeds, reuse_seed)
+    fitted, unusable = {}, None
+    if compared is not None:
+        key = comparison_key(app, classes, fingerprint, pruned_dir, pretrained)
+        fitted, unusable = load_comparisons(compared, key, runs, dev)
+    if unusable:
+        warnings.warn(f"{unusable}: its comparison models are trained here instead", stacklevel=2)
+    missing = [r for r in runs if r not in fitted]
+    if missing:
+        fitted |= fit_comparisons(app, missing, pruned=pruned_dir, cfg=cfg, full=full, classes=classes, train=train,
+                                  val=val, dev=dev, on_step=on_step, concurrency=concurrency)
     for variant in VARIANTS:  # one report per variant, over its seeds, in seed order
-        mine = [(job, model, hist) for job, (model, hist) in zip(jobs, fitted, strict=True) if job.variant == variant]
+        mine = [fitted.get((variant, s), (pruned_model, None)) for s in seeds]
         outputs, targets = [], None
-        for _, model, _ in mine:
+        for model, _ in mine:
             o, targets = predict(model, test, app.finetune.batch_size, dev)
             outputs.append(o)
-        hists = [h if h is not None else pruned_model_history(finetuned) for _, _, h in mine]
-        shown = pruned_model if variant == "pruned" else mine[-1][1]
+        hists = [h if h is not None else pruned_model_history(finetuned) for _, h in mine]
+        shown = pruned_model if variant == "pruned" else mine[-1][0]
         report[variant] = _variant_report(shown, app, outputs, targets, test, dev, hists)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
