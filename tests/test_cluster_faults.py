@@ -196,8 +196,8 @@ def test_a_killed_worker_s_flow_run_is_marked_crashed_and_a_new_run_completes(cl
     from flows.faults import CRASH_AUTOMATION, ensure_crash_detection
 
     api = cluster.client["PREFECT_API_URL"]
-    first = ensure_crash_detection(api)
-    assert (first["action"], first["within_s"]) == ("created", 90)
+    first = ensure_crash_detection(api)  # `mapex cluster up` created it already
+    assert (first["action"], first["within_s"]) == ("unchanged", 90)
     assert ensure_crash_detection(api)["action"] == "unchanged"  # idempotent (`mapex deploy` and `cluster up`)
     assert ensure_crash_detection(api, heartbeat_s=40)["action"] == "updated"
     assert ensure_crash_detection(api) == first | {"action": "updated"}
@@ -341,8 +341,9 @@ def test_a_postgresql_restart_is_ridden_out_by_servers_clients_and_a_flow_run_in
         stop(proc)
     tasks = {t["name"].split("-")[0]: t for t in http_json(f"{cluster.client['PREFECT_API_URL']}/task_runs/filter",
                                                             "POST", {"flow_runs": {"id": {"any_": [run_id]}}})}
-    # the lock failed while PostgreSQL was down (ConnectionError) and the retry condition retried it
-    assert tasks["registry"]["run_count"] >= 2 and tasks["registry"]["state"]["type"] == "COMPLETED"
+    # the lock reconnects for up to 60 s (a lock held on a connection the restart cut fails as ConnectionError,
+    # and the retry condition retries it): either way the task completes
+    assert tasks["registry"]["state"]["type"] == "COMPLETED" and 1 <= tasks["registry"]["run_count"] <= 3
     assert tasks["mlflow"]["state"]["type"] == "COMPLETED" and tasks["mlflow"]["run_count"] == 1  # MLflow's retries
     result = http_json(f"{cluster.client['PREFECT_API_URL']}/flow_runs/{run_id}")
     assert result["state"]["type"] == "COMPLETED"
