@@ -39,13 +39,12 @@ from prefect.tasks import exponential_backoff
 from prefect.transactions import CommitMode, transaction
 
 from flows.sharing import beside
-from flows.summary import summary_markdown, summary_row
+from flows.summary import PARAMS, summary_markdown, summary_row
 from mapex_core import lineage, progress, project, runtime, stages
 
 # restores the thread variables a local Dask cluster's nannies set in the flow's process
 from mapex_core.data.distributed_ingest import DASK_ENV, restored_environ
 
-PARAMS = str(project.PARAMS)  # the project's params file: dvc.yaml's stages read this one
 WORKERS = 2  # datasets / applications processed at once; the board shares the cores among their stages
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from mapex_core import project
 
-PARAMS = str(project.PARAMS)  # the project's params file
+PARAMS = str(project.PARAMS)  # the project's params file: dvc.yaml's stages read this one
 
 
 def summary_row(app: str, prune: dict[str, Any], metrics: dict[str, Any], reg: dict[str, Any],

@@ -30,7 +30,7 @@ from typing import Any
 
 # one DVC operation at a time per process (DVC's repo lock guards against other processes)
 _DVC_LOCK = threading.Lock()
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this mapex_core
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this mapex_core (a checkout: pyproject.toml)
 
 
 def git_sha(root: str | Path = ".") -> str:
@@ -157,8 +157,10 @@ def run_stage(name: str, root: str | Path = ".", log: Callable[[str], None] | No
         cmd = _stage(repo, name).cmd
     full_env = dict(os.environ) | (env or {})
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    # the stage runs the same mapex_core as this process (on a worker: the deployed commit's clone)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    # the stage runs the same mapex_core as this process (on a worker: the deployed commit's clone); an
+    # installed package (site-packages) is found anyway and must not be put ahead of the standard library
+    if (PACKAGE_ROOT / "pyproject.toml").is_file():
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     if log is not None:
         log(f"{name}: {cmd}")
     proc = subprocess.run(shlex.split(cmd), cwd=root, env=full_env, capture_output=True, text=True, check=False)
